@@ -1,0 +1,155 @@
+"""The one place that writes and reads checkpoints (DESIGN §4).
+
+Writes are atomic (temp file in the same folder, fsync, rename), so a crash never leaves a
+half-written ``checkpoint.pth``. Every read uses ``torch.load(weights_only=True)``: a
+checkpoint is data, and loading one never runs code from it. The only non-tensor class
+allowed is ``argparse.Namespace``, which official DINO checkpoints store as ``args``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+def plain_args(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """``args`` as a dict of plain values (str/int/float/bool/None/lists/dicts).
+
+    Stored this way, a checkpoint loads with ``weights_only=True`` and no allowlist.
+    """
+    items = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+
+    def plain(value: Any) -> Any:
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        return str(value)
+
+    return {str(k): plain(v) for k, v in items.items()}
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically; the previous file stays intact until rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(dict(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Read a checkpoint safely (``weights_only=True``), with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than tensors and plain data, "
+            f"which could run code when unpickled ({str(err).splitlines()[0]})"
+        ) from err
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def checkpoint_args(ckpt: Any) -> dict[str, Any]:
+    """The training args stored in a checkpoint (ours: dict; official DINO: Namespace)."""
+    if not isinstance(ckpt, Mapping):
+        return {}
+    args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):
+        return plain_args(args)
+    if isinstance(args, Mapping):
+        return dict(args)
+    return {}
+
+
+def extract_backbone_state(ckpt: Any, checkpoint_key: str = "teacher") -> dict[str, Tensor]:
+    """Backbone weights from any supported checkpoint layout.
+
+    Accepted: our training checkpoints and official DINO ones (``teacher``/``student``
+    holding ``module.``/``backbone.``-prefixed keys), a bare backbone state_dict, and timm
+    state_dicts (the classifier ``head.`` is dropped).
+    """
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"expected a dict of weights, got {type(ckpt).__name__}")
+    state = ckpt
+    if checkpoint_key in ckpt and isinstance(ckpt[checkpoint_key], Mapping):
+        state = ckpt[checkpoint_key]
+    elif any(k in ckpt for k in ("teacher", "student")):
+        present = [k for k in ("teacher", "student") if k in ckpt]
+        raise CheckpointError(
+            f"--checkpoint_key {checkpoint_key!r} is not in this checkpoint (it has {present})"
+        )
+    elif "state_dict" in ckpt or "model" in ckpt:
+        state = ckpt.get("state_dict", ckpt.get("model"))
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            continue
+        for prefix in ("module.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        if key.startswith("head.") or key.startswith("fc_norm."):
+            continue
+        out[key] = value
+    if not out:
+        raise CheckpointError("no backbone tensors found in the checkpoint")
+    return out
+
+
+def load_backbone_state(model: nn.Module, state: Mapping[str, Tensor], source: str = "") -> None:
+    """Strict load with a readable report of missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state and not k.startswith("head."))
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    )
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {source} does not fit the model:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8})" if len(keys) > 8 else "")
+                lines.append(f"  {title} keys ({len(keys)}): {shown}")
+        if any(".attn.gaug." in k for k in missing):
+            lines.append("  (the model has GAug but the checkpoint does not: use a vit_* arch?)")
+        if any(".attn.gaug." in k for k in unexpected):
+            lines.append("  (the checkpoint has GAug: use a locatvit_* arch)")
+        raise CheckpointError("\n".join(lines))
+    head_keys = {k: v for k, v in own.items() if k.startswith("head.")}
+    model.load_state_dict({**head_keys, **state}, strict=True)

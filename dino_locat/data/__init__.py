@@ -1,0 +1,1 @@
+"""Datasets and transforms: ImageFolder, segmentation folders, the embedded default."""
