@@ -9,6 +9,7 @@ allowed is ``argparse.Namespace``, which official DINO checkpoints store as ``ar
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import tempfile
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from dino_locat.models import build_backbone, canonical_arch
 
 
 class CheckpointError(RuntimeError):
@@ -142,7 +145,11 @@ def load_backbone_state(model: nn.Module, state: Mapping[str, Tensor], source: s
     )
     if missing or unexpected or mismatched:
         lines = [f"checkpoint {source} does not fit the model:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched)):
+        for title, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape", mismatched),
+        ):
             if keys:
                 shown = ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8})" if len(keys) > 8 else "")
                 lines.append(f"  {title} keys ({len(keys)}): {shown}")
@@ -153,3 +160,119 @@ def load_backbone_state(model: nn.Module, state: Mapping[str, Tensor], source: s
         raise CheckpointError("\n".join(lines))
     head_keys = {k: v for k, v in own.items() if k.startswith("head.")}
     model.load_state_dict({**head_keys, **state}, strict=True)
+
+
+_SIZE_BY_DIM = {192: "t", 384: "s", 768: "b"}
+_IMAGE_SIZE_ARGS = ("global_crop_size", "global_crops_size", "image_size", "img_size")
+
+
+def _weights_config(state: Mapping[str, Tensor], source: str) -> dict[str, Any]:
+    """Architecture facts read off the weights themselves (they never lie about shapes)."""
+    try:
+        proj = state["patch_embed.proj.weight"]
+        pos = state["pos_embed"]
+    except KeyError as err:
+        raise CheckpointError(f"{source}: no ViT patch embedding/pos_embed in the weights") from err
+    embed_dim, patch_size = proj.shape[0], proj.shape[-1]
+    if embed_dim not in _SIZE_BY_DIM:
+        raise CheckpointError(
+            f"{source}: embed dim {embed_dim} matches no known arch (192/384/768 = t/s/b)"
+        )
+    side = math.isqrt(pos.shape[1] - 1)
+    if side * side != pos.shape[1] - 1:
+        raise CheckpointError(f"{source}: pos_embed holds {pos.shape[1] - 1} patches, not a square")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    locality = any(".attn.gaug." in k for k in state)
+    size = _SIZE_BY_DIM[embed_dim]
+    return {
+        "arch": f"{'locatvit' if locality else 'vit'}_{size}",
+        "patch_size": int(patch_size),
+        "embed_dim": int(embed_dim),
+        "native_image_size": int(side * patch_size),
+        "depth": depth,
+        "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+    }
+
+
+def _agree(name: str, flag: Any, stored: Any, weights: Any, source: str) -> None:
+    """Raise when the --flag, the checkpoint's args and the weights disagree on ``name``."""
+    if stored is not None and weights is not None and stored != weights:
+        raise CheckpointError(
+            f"{source}: its args say {name}={stored} but its weights are {name}={weights}"
+        )
+    if flag is None:
+        return
+    if stored is not None and flag != stored:
+        raise CheckpointError(
+            f"--{name} {flag} contradicts the checkpoint {source}, trained with "
+            f"{name}={stored}; drop --{name} (it is read from the checkpoint) or pass {stored}"
+        )
+    if weights is not None and flag != weights:
+        raise CheckpointError(
+            f"--{name} {flag} does not fit the weights in {source}, which are {name}={weights}"
+        )
+
+
+def load_pretrained_backbone(
+    path: str | os.PathLike,
+    arch: str | None = None,
+    patch_size: int | None = None,
+    checkpoint_key: str = "teacher",
+    image_size: int | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The one checkpoint-to-backbone loader used by every evaluator.
+
+    Accepts our training checkpoints (a file, or the ``output_dir`` holding
+    ``checkpoint.pth``), official DINO checkpoints, bare backbone and timm LocAtViT
+    state_dicts. Arch, patch size and depth come from the checkpoint (its args and its
+    weights); ``arch``/``patch_size`` given by the user must agree with them, so that a
+    wrong flag fails loudly instead of loading into a different model. ``image_size`` is
+    the evaluation resolution: the flag, else the training crop size in the args, else the
+    model's native size. Returns the frozen model in eval mode and a dict describing it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pth"
+    source = str(path)
+    ckpt = load_checkpoint(path)
+    args = checkpoint_args(ckpt)
+    state = extract_backbone_state(ckpt, checkpoint_key)
+    found = _weights_config(state, source)
+
+    def canonical(name: str, what: str) -> str:
+        try:
+            return canonical_arch(name)
+        except ValueError as err:
+            raise CheckpointError(f"{what}: {err}") from err
+
+    stored_arch = canonical(args["arch"], f"{source} args") if args.get("arch") else None
+    flag_arch = canonical(arch, "--arch") if arch else None
+    _agree("arch", flag_arch, stored_arch, found["arch"], source)
+    stored_patch = args.get("patch_size")
+    _agree("patch_size", patch_size, stored_patch, found["patch_size"], source)
+
+    stored_size = next((args[k] for k in _IMAGE_SIZE_ARGS if isinstance(args.get(k), int)), None)
+    eval_size = int(image_size or stored_size or found["native_image_size"])
+    if eval_size % found["patch_size"]:
+        raise CheckpointError(
+            f"--image_size {eval_size} is not a multiple of the patch size {found['patch_size']}"
+        )
+    model = build_backbone(
+        found["arch"],
+        img_size=found["native_image_size"],
+        patch_size=found["patch_size"],
+        depth=found["depth"],
+        mlp_ratio=found["mlp_ratio"],
+        qkv_bias=found["qkv_bias"],
+    )
+    load_backbone_state(model, state, source)
+    model.eval().requires_grad_(False)
+    info = {
+        **found,
+        "image_size": eval_size,
+        "checkpoint": source,
+        "checkpoint_key": checkpoint_key if checkpoint_key in ckpt else None,
+        "epoch": ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
+    }
+    return model, info

@@ -21,8 +21,16 @@ from torch.utils.data import Dataset
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 ROOT_ENV = "DINO_LOCAT_FASHION_MNIST"
 CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -18,16 +18,21 @@ from dino_locat.models.locality import separable_factors
 CHUNK_ELEMENTS = 1 << 22
 
 
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """Softmax and bias arithmetic run in float32 at least (float64 stays float64)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _rows_per_chunk(batch_heads: int, num_tokens: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, batch_heads * num_tokens))
 
 
 def _biased_scores(
-    q_chunk: Tensor, k_t: Tensor, scale: float, row: Tensor, col: Tensor, start: int, prefix: int
+    q_scaled: Tensor, k_t: Tensor, row: Tensor, col: Tensor, start: int, prefix: int
 ) -> Tensor:
-    """float32 logits ``q k^T * scale + S`` for the query rows [start, start + len)."""
-    scores = torch.matmul(q_chunk, k_t).float().mul_(scale)
-    stop = start + q_chunk.shape[-2]
+    """float32 logits ``(q * scale) k^T + S`` for the query rows [start, start + len)."""
+    scores = torch.matmul(q_scaled, k_t).to(_acc_dtype(q_scaled))
+    stop = start + q_scaled.shape[-2]
     first_patch = max(start, prefix)
     if first_patch < stop:
         b, h, _, n = scores.shape
@@ -48,12 +53,13 @@ class _GaussianBiasedAttention(torch.autograd.Function):
         prefix = n - grid[0] * grid[1]
         row, col = separable_factors(var, alpha, grid, clamp, eps)
         k_t = k.transpose(-1, -2)
+        q_scaled = q * scale
         out = torch.empty_like(q)
-        lse = torch.empty(b, h, n, 1, device=q.device, dtype=torch.float32)
+        lse = torch.empty(b, h, n, 1, device=q.device, dtype=_acc_dtype(q))
         step = _rows_per_chunk(b * h, n)
         for start in range(0, n, step):
             stop = min(n, start + step)
-            scores = _biased_scores(q[:, :, start:stop], k_t, scale, row, col, start, prefix)
+            scores = _biased_scores(q_scaled[:, :, start:stop], k_t, row, col, start, prefix)
             lse_c = torch.logsumexp(scores, dim=-1, keepdim=True)
             probs = scores.sub_(lse_c).exp_()
             out[:, :, start:stop] = torch.matmul(probs.to(v.dtype), v)
@@ -74,31 +80,38 @@ class _GaussianBiasedAttention(torch.autograd.Function):
             row, col = separable_factors(var_leaf, alpha_leaf, grid, clamp, eps)
         row_d, col_d = row.detach(), col.detach()
         grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        acc = _acc_dtype(q)
+        delta = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True)
         k_t, v_t = k.transpose(-1, -2), v.transpose(-1, -2)
+        q_scaled = q * scale
         dq = torch.empty_like(q)
-        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        dk = dv = None
         grad_row = torch.zeros_like(row_d)
         grad_col = torch.zeros_like(col_d)
         step = _rows_per_chunk(b * h, n)
         for start in range(0, n, step):
             stop = min(n, start + step)
-            q_c, go_c = q[:, :, start:stop], grad_out[:, :, start:stop]
-            probs = _biased_scores(q_c, k_t, scale, row_d, col_d, start, prefix)
+            qs_c, go_c = q_scaled[:, :, start:stop], grad_out[:, :, start:stop]
+            probs = _biased_scores(qs_c, k_t, row_d, col_d, start, prefix)
             probs.sub_(lse[:, :, start:stop]).exp_()
-            dv += torch.matmul(probs.transpose(-1, -2).to(go_c.dtype), go_c).float()
-            dscores = torch.matmul(go_c, v_t).float().sub_(delta[:, :, start:stop]).mul_(probs)
+            dv_c = torch.matmul(probs.transpose(-1, -2).to(go_c.dtype), go_c).to(acc)
+            dscores = torch.matmul(go_c, v_t).to(acc).sub_(delta[:, :, start:stop]).mul_(probs)
             ds_low = dscores.to(q.dtype)
             dq[:, :, start:stop] = torch.matmul(ds_low, k).mul_(scale)
-            dk += torch.matmul(ds_low.transpose(-1, -2), q_c).float().mul_(scale)
+            dk_c = torch.matmul(ds_low.transpose(-1, -2), qs_c).to(acc)
+            dk = dk_c if dk is None else dk.add_(dk_c)
+            dv = dv_c if dv is None else dv.add_(dv_c)
             first_patch = max(start, prefix)
             if first_patch < stop:
                 lo, hi = first_patch - prefix, stop - prefix
                 block = dscores[:, :, first_patch - start :, prefix:]
                 block = block.reshape(b, h, hi - lo, grid[0], grid[1])
-                grad_row[:, :, lo:hi] = torch.matmul(block, col_d[:, :, lo:hi].unsqueeze(-1)).squeeze(-1)
-                grad_col[:, :, lo:hi] = torch.matmul(row_d[:, :, lo:hi].unsqueeze(-2), block).squeeze(-2)
+                grad_row[:, :, lo:hi] = torch.matmul(
+                    block, col_d[:, :, lo:hi].unsqueeze(-1)
+                ).squeeze(-1)
+                grad_col[:, :, lo:hi] = torch.matmul(
+                    row_d[:, :, lo:hi].unsqueeze(-2), block
+                ).squeeze(-2)
         grad_var = grad_alpha = None
         wanted = [t for t in (var_leaf, alpha_leaf) if t.requires_grad]
         if wanted:

@@ -47,7 +47,9 @@ def axis_distances(size: int, clamp: float, device: torch.device) -> Tensor:
     return (-0.5 * (pos[:, None] - pos[None, :]) ** 2).clamp_min(clamp)
 
 
-def query_distances(grid: tuple[int, int], clamp: float, device: torch.device) -> tuple[Tensor, Tensor]:
+def query_distances(
+    grid: tuple[int, int], clamp: float, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """Per patch query (row-major), its clamped distances to every row and every column.
 
     Returns (Np, h) and (Np, w) tables with Np = h * w.

@@ -75,9 +75,7 @@ class Attention(nn.Module):
     probabilities, for visualisation.
     """
 
-    def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool, native_grid: Grid | None
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, native_grid: Grid | None) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
@@ -92,7 +90,9 @@ class Attention(nn.Module):
         """Per head and patch query: var (B, H, Np, 2) and alpha (B, H, Np), float32."""
         dim = x.shape[-1]
         z = self.gaug.logits_from_tokens(
-            x, self.qkv.weight[:dim], None if self.qkv.bias is None else self.qkv.bias[:dim],
+            x,
+            self.qkv.weight[:dim],
+            None if self.qkv.bias is None else self.qkv.bias[:dim],
             self.num_heads,
         )
         prefix = x.shape[1] - grid[0] * grid[1]
@@ -192,7 +192,9 @@ class VisionTransformer(nn.Module):
         self.native_grid: Grid = (img_size // patch_size, img_size // patch_size)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.native_grid[0] * self.native_grid[1], embed_dim))
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, 1 + self.native_grid[0] * self.native_grid[1], embed_dim)
+        )
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         grid = self.native_grid if locality else None
         self.blocks = nn.ModuleList(
@@ -353,9 +355,13 @@ def canonical_arch(arch: str) -> str:
 
 
 def build_backbone(arch: str, **kwargs) -> VisionTransformer:
-    """Create a backbone by (alias-tolerant) name; kwargs go to VisionTransformer."""
+    """Create a backbone by (alias-tolerant) name; kwargs override the preset.
+
+    E.g. ``build_backbone("locatvit_t", img_size=32, patch_size=8, depth=2)`` for tests.
+    """
     family, _, size = canonical_arch(arch).partition("_")
-    return VisionTransformer(locality=family == "locatvit", depth=12, **ARCH_PRESETS[size], **kwargs)
+    config = {"depth": 12, **ARCH_PRESETS[size], **kwargs, "locality": family == "locatvit"}
+    return VisionTransformer(**config)
 
 
 def _timm_entry(name: str):
