@@ -95,6 +95,15 @@ def test_gradients_reach_every_gaug_parameter():
         assert param.grad.abs().sum() > 0, name
 
 
+def test_inference_mode_first_then_training():
+    model = build_backbone("locatvit_t", img_size=24, patch_size=8, depth=1)
+    image = torch.randn(2, 3, 40, 40)  # a grid no other test uses, so no cache is warm
+    with torch.inference_mode():
+        model(image)
+    model(image).sum().backward()
+    assert model.blocks[0].attn.gaug.log_var.weight.grad is not None
+
+
 def test_gaug_statistics_on_request():
     model = build_backbone("locatvit_t", img_size=32, patch_size=8, depth=3).eval()
     with torch.no_grad():

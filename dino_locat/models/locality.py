@@ -12,6 +12,7 @@ Axis order of the variance logits: index 0 is the row (vertical) axis, index 1 t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,16 +48,19 @@ def axis_distances(size: int, clamp: float, device: torch.device) -> Tensor:
     return (-0.5 * (pos[:, None] - pos[None, :]) ** 2).clamp_min(clamp)
 
 
+@functools.lru_cache(maxsize=64)
 def query_distances(
     grid: tuple[int, int], clamp: float, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Per patch query (row-major), its clamped distances to every row and every column.
 
-    Returns (Np, h) and (Np, w) tables with Np = h * w.
+    Returns (Np, h) and (Np, w) tables with Np = h * w. They are constants of the grid,
+    cached so that a forward does not rebuild them in every layer.
     """
     h, w = grid
-    d_row = axis_distances(h, clamp, device).repeat_interleave(w, dim=0)
-    d_col = axis_distances(w, clamp, device).repeat(h, 1)
+    with torch.inference_mode(False), torch.no_grad():  # usable later with autograd on
+        d_row = axis_distances(h, clamp, device).repeat_interleave(w, dim=0)
+        d_col = axis_distances(w, clamp, device).repeat(h, 1)
     return d_row, d_col
 
 
@@ -120,30 +124,17 @@ class GAug(nn.Module):
             self.recorded = {"var": var.detach(), "alpha": alpha.detach()}
         return var, alpha
 
-    def forward(self, q_patch: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Reference form: logits straight from per-head patch queries (B, H, Np, d)."""
-        z = torch.cat([self.log_var(q_patch), self.log_alpha(q_patch)], dim=-1)
-        return self.from_logits(z, grid)
+    def forward(self, q: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """var (B, H, Np, 2) and alpha (B, H, Np) from per-head queries q (B, H, N, d).
 
-    def logits_from_tokens(
-        self, x: Tensor, q_weight: Tensor, q_bias: Tensor | None, num_heads: int
-    ) -> Tensor:
-        """The same logits computed from the block input ``x`` (B, N, D), all heads at once.
-
-        ``z = (x Wq_h^T + bq_h) W^T + b`` is folded into one linear map of ``x``. ``x`` is
-        already kept for the qkv projection's backward, so GAug stores no extra
-        activation; the per-head query slices are never copied. Returns (B, H, N, 3).
+        The logits are computed for all N tokens and the prefix rows dropped afterwards:
+        with a contiguous ``q`` the linear map then keeps ``q`` itself for its backward
+        (shared with the attention's), instead of a copy of the patch rows.
         """
-        head_dim = self.log_var.in_features
-        weight = torch.cat([self.log_var.weight, self.log_alpha.weight])
-        bias = torch.cat([self.log_var.bias, self.log_alpha.bias])
-        wq = q_weight.reshape(num_heads, head_dim, -1)
-        folded_w = torch.einsum("kd,hdc->hkc", weight, wq).reshape(num_heads * 3, -1)
-        folded_b = bias.repeat(num_heads)
-        if q_bias is not None:
-            folded_b = folded_b + (q_bias.reshape(num_heads, head_dim) @ weight.t()).reshape(-1)
-        z = F.linear(x, folded_w.to(x.dtype), folded_b.to(x.dtype))
-        return z.unflatten(-1, (num_heads, 3)).transpose(1, 2)
+        weight = torch.cat([self.log_var.weight, self.log_alpha.weight]).to(q.dtype)
+        bias = torch.cat([self.log_var.bias, self.log_alpha.bias]).to(q.dtype)
+        z = F.linear(q, weight, bias)
+        return self.from_logits(z[:, :, q.shape[-2] - grid[0] * grid[1] :], grid)
 
 
 def patch_representation_refinement(x: Tensor, num_heads: int) -> Tensor:

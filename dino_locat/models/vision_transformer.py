@@ -86,17 +86,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.gaug = GAug(self.head_dim, native_grid) if native_grid is not None else None
 
+    def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v as (B, H, N, d); q contiguous, as GAug and our kernel both keep it."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return q.contiguous(), k, v
+
     def gaussian_params(self, x: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
         """Per head and patch query: var (B, H, Np, 2) and alpha (B, H, Np), float32."""
-        dim = x.shape[-1]
-        z = self.gaug.logits_from_tokens(
-            x,
-            self.qkv.weight[:dim],
-            None if self.qkv.bias is None else self.qkv.bias[:dim],
-            self.num_heads,
-        )
-        prefix = x.shape[1] - grid[0] * grid[1]
-        return self.gaug.from_logits(z[:, :, prefix:], grid)
+        return self.gaug(self.split_heads(x)[0], grid)
 
     def gaussian_bias(self, x: Tensor, grid: Grid) -> Tensor:
         """The dense (B, H, N, N) float32 GAug bias for input tokens ``x``."""
@@ -107,13 +106,10 @@ class Attention(nn.Module):
         self, x: Tensor, grid: Grid, return_attention: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         b, n, dim = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        attn = None
-        if self.gaug is None:
-            bias = None
-        else:
-            var, alpha = self.gaussian_params(x, grid)
+        q, k, v = self.split_heads(x)
+        bias = None
+        if self.gaug is not None:
+            var, alpha = self.gaug(q, grid)
             needs_grad = torch.is_grad_enabled() and (q.requires_grad or var.requires_grad)
             if needs_grad and not return_attention:
                 out = gaussian_biased_attention(
@@ -121,6 +117,7 @@ class Attention(nn.Module):
                 )
                 return self.proj(out.transpose(1, 2).reshape(b, n, dim))
             bias = dense_bias(var, alpha, grid, self.gaug.clamp, self.gaug.eps, n)
+        attn = None
         if return_attention:
             logits = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale
             if bias is not None:

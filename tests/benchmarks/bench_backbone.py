@@ -5,15 +5,17 @@ through the backbone as in DINO, then backward of a loss on the CLS outputs; fp3
 models run interleaved in one process; we report the median over pairs of the time ratio
 and of the peak-memory ratio.
 
-Time and memory are measured in two interleaved passes. Time runs under glibc's default
-malloc (what users get). Peak memory on CPU is read from the kernel: the process's peak RSS
-(VmHWM) is reset before each step (/proc/self/clear_refs) and read after it; the figure is
-the rise over the RSS just before the step (parameters resident, gradients cleared). For
-that pass malloc is told (mallopt) to hand every block over 64 KiB straight back to the
-system, so RSS follows the tensors that are alive rather than malloc's caches.
+Time and memory are measured in two interleaved passes. Time runs with glibc's malloc in
+its steady state (blocks up to 32 MiB reused, where its dynamic threshold settles). Peak
+memory on CPU is read from the kernel: the process's peak RSS (VmHWM) is reset before each
+step (/proc/self/clear_refs) and read after it; the figure is the rise over the RSS just
+before the step (parameters resident, gradients cleared). For that pass malloc is told
+(mallopt) to hand every block over 64 KiB straight back to the system, so RSS follows the
+tensors that are alive rather than malloc's caches.
 
 Run: python tests/benchmarks/bench_backbone.py [--batch_sizes 4 8] [--pairs 5] [--threads 2]
-     [--device cuda --amp] (on a GPU: time and torch.cuda peak-memory ratios)
+     [--kernels ours dense] [--device cuda --amp] (on a GPU: time and torch.cuda peak-memory
+     ratios, and the attention kernels each model launches)
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
-from dino_locat.models import build_backbone
+from dino_locat.models import build_backbone, vision_transformer
+from dino_locat.models.locality import dense_bias
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
@@ -42,6 +46,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_crops", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="CUDA only: fp16 autocast")
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["ours"],
+        choices=["ours", "dense"],
+        help="LocAtViT training attention to compare: ours, and/or dense S through SDPA",
+    )
     return parser
 
 
@@ -95,20 +106,51 @@ def student_step(model, crops, amp: bool) -> None:
     loss.backward()
 
 
-def timed_step(model, crops, device: torch.device, amp: bool) -> float:
+def dense_sdpa_attention(q, k, v, var, alpha, grid, clamp, eps, scale):
+    """The straightforward alternative: materialise S and hand it to SDPA as attn_mask."""
+    mask = dense_bias(var, alpha, grid, clamp, eps, q.shape[-2]).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+KERNELS = {"ours": vision_transformer.gaussian_biased_attention, "dense": dense_sdpa_attention}
+
+
+def student_step_with(entry, crops, amp: bool) -> None:
+    _, model, kernel = entry
+    if kernel is not None:
+        vision_transformer.gaussian_biased_attention = KERNELS[kernel]
+    try:
+        student_step(model, crops, amp)
+    finally:
+        vision_transformer.gaussian_biased_attention = KERNELS["ours"]
+
+
+def timed_step(entry, crops, device: torch.device, amp: bool) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    student_step(model, crops, amp)
+    student_step_with(entry, crops, amp)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def peak_of_step(model, crops, meter: PeakMemory, amp: bool) -> int:
+def peak_of_step(entry, crops, meter: PeakMemory, amp: bool) -> int:
     meter.start()
-    student_step(model, crops, amp)
+    student_step_with(entry, crops, amp)
     return meter.stop()
+
+
+def attention_kernels(entry, crops, amp: bool) -> list[str]:
+    """Names of the CUDA attention kernels one step launches (which SDPA backend runs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        student_step_with(entry, crops, amp)
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages()}
+    keys = ("flash", "fmha", "efficient", "attention", "cudnn")
+    return sorted(n[:90] for n in names if any(k in n.lower() for k in keys))
 
 
 def main(args: argparse.Namespace) -> None:
@@ -117,28 +159,18 @@ def main(args: argparse.Namespace) -> None:
     if args.amp and device.type != "cuda":
         raise SystemExit("--amp needs --device cuda")
     torch.manual_seed(0)
-    models = {
-        name: build_backbone(f"{name}_{args.size}", drop_path_rate=0.1).to(device).train()
-        for name in ("vit", "locatvit")
-    }
+    vit = build_backbone(f"vit_{args.size}", drop_path_rate=0.1).to(device).train()
+    locat = build_backbone(f"locatvit_{args.size}", drop_path_rate=0.1).to(device).train()
+    entries = [("vit", vit, None)] + [
+        (f"locatvit[{kernel}]", locat, kernel) for kernel in args.kernels
+    ]
     meter = PeakMemory(device)
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
         f"amp {args.amp}, arch *_{args.size}, crops 2x{args.global_size} + "
-        f"{args.local_crops}x{args.local_size} per image"
+        f"{args.local_crops}x{args.local_size} per image; locatvit[ours] = dino_locat's "
+        "bias-aware attention, locatvit[dense] = dense S as SDPA attn_mask"
     )
-    if device.type == "cuda":
-        from torch.backends import cuda as cuda_backends
-
-        print(
-            "SDPA backends enabled: flash",
-            cuda_backends.flash_sdp_enabled(),
-            "mem-efficient",
-            cuda_backends.mem_efficient_sdp_enabled(),
-            "cudnn",
-            cuda_backends.cudnn_sdp_enabled(),
-            "| vit_* uses plain SDPA; locatvit_* training uses dino_locat's bias-aware attention",
-        )
     for batch in args.batch_sizes:
         crops = [
             torch.randn(2 * batch, 3, args.global_size, args.global_size, device=device),
@@ -146,35 +178,40 @@ def main(args: argparse.Namespace) -> None:
                 args.local_crops * batch, 3, args.local_size, args.local_size, device=device
             ),
         ]
+        if device.type == "cuda":
+            for entry in entries:
+                print(f"batch {batch:2d} {entry[0]} CUDA attention kernels:")
+                for name in attention_kernels(entry, crops, args.amp):
+                    print(f"    {name}")
         meter.exact_mode(True)
-        peaks = {name: [] for name in models}
+        peaks = {entry[0]: [] for entry in entries}
         for _ in range(args.pairs):
-            for name, model in models.items():
-                peaks[name].append(peak_of_step(model, crops, meter, args.amp))
+            for entry in entries:
+                peaks[entry[0]].append(peak_of_step(entry, crops, meter, args.amp))
         meter.exact_mode(False)
         for _ in range(args.warmup):
-            for model in models.values():
-                student_step(model, crops, args.amp)
-        times = {name: [] for name in models}
+            for entry in entries:
+                student_step_with(entry, crops, args.amp)
+        times = {entry[0]: [] for entry in entries}
         for _ in range(args.pairs):
-            for name, model in models.items():
-                times[name].append(timed_step(model, crops, device, args.amp))
-        time_ratio = statistics.median(
-            loc / vit for loc, vit in zip(times["locatvit"], times["vit"], strict=True)
-        )
-        mem_ratio = statistics.median(
-            loc / vit for loc, vit in zip(peaks["locatvit"], peaks["vit"], strict=True)
-        )
-        for name in models:
+            for entry in entries:
+                times[entry[0]].append(timed_step(entry, crops, device, args.amp))
+        for name in times:
             print(
-                f"batch {batch:2d} {name:9s} step {statistics.median(times[name]) * 1000:8.1f} ms"
+                f"batch {batch:2d} {name:16s} step {statistics.median(times[name]) * 1000:8.1f} ms"
                 f"  peak +{statistics.median(peaks[name]) / 2**20:8.1f} MiB"
             )
-        print(
-            f"batch {batch:2d} ratio locatvit/vit: time {time_ratio:.3f}"
-            f"  peak memory {mem_ratio:.3f}"
-            f"  (median of {args.pairs} interleaved pairs)"
-        )
+        for name in list(times)[1:]:
+            time_ratio = statistics.median(
+                a / b for a, b in zip(times[name], times["vit"], strict=True)
+            )
+            mem_ratio = statistics.median(
+                a / b for a, b in zip(peaks[name], peaks["vit"], strict=True)
+            )
+            print(
+                f"batch {batch:2d} ratio {name}/vit: time {time_ratio:.3f}"
+                f"  peak memory {mem_ratio:.3f}  (median of {args.pairs} interleaved rounds)"
+            )
 
 
 if __name__ == "__main__":
