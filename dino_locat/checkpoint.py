@@ -48,6 +48,12 @@ def plain_args(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
     return {str(k): plain(v) for k, v in items.items()}
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically; the previous file stays intact until rename."""
     path = Path(path)
@@ -58,6 +64,7 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
             torch.save(dict(state), handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes it 0600
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

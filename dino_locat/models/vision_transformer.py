@@ -368,7 +368,7 @@ def _timm_entry(name: str):
         if pretrained:
             raise RuntimeError(
                 f"{name}: no pretrained weights are downloaded; load a state_dict with "
-                "dino_locat.checkpoint.load_backbone_weights"
+                "dino_locat.checkpoint.load_pretrained_backbone"
             )
         return build_backbone(name, **kwargs)
 

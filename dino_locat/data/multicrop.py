@@ -1,0 +1,73 @@
+"""Replayable multi-crop sampling: a sample's views depend only on (seed, epoch, index).
+
+The sampler hands out ``(epoch, index)`` pairs, so loader workers (persistent or not)
+always know the epoch, and the dataset seeds a private generator per sample. An epoch
+that is replayed after a restart therefore produces bit-identical batches, whatever the
+number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from dino_locat.data.transforms import MultiCropAugmentation
+
+STREAM_VIEWS = 0
+STREAM_MODEL = 1
+
+
+def derive_seed(stream: int, *keys: int) -> int:
+    """A well-mixed 63-bit seed from non-negative integer keys.
+
+    ``stream`` keeps unrelated uses apart: the views of a sample are
+    ``derive_seed(STREAM_VIEWS, seed, epoch, index)``, the model-side randomness (drop
+    path) of an epoch on a rank is ``derive_seed(STREAM_MODEL, seed, epoch, rank)``.
+    """
+    state = np.random.SeedSequence([stream, *keys]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class MultiCropDataset(Dataset):
+    """Wraps an (image, label) dataset; item ``(epoch, index)`` -> (views, label)."""
+
+    def __init__(self, images: Dataset, augment: MultiCropAugmentation, seed: int) -> None:
+        self.images = images
+        self.augment = augment
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[list[Tensor], int]:
+        epoch, index = item
+        image, label = self.images[index]
+        generator = torch.Generator().manual_seed(
+            derive_seed(STREAM_VIEWS, self.seed, epoch, index)
+        )
+        return self.augment(image, generator), label
+
+
+class EpochSampler(Sampler):
+    """A DistributedSampler (shuffled with ``seed + epoch``) that yields (epoch, index)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
+        )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in self.sampler)

@@ -1,0 +1,311 @@
+"""Segmentation datasets: (PIL RGB image, PIL "L" mask of class indices, 255 = ignore).
+
+Every dataset here hands out masks already mapped to ``0 .. num_classes - 1`` with one ignore
+value, so the evaluator never needs to know which layout the files came from:
+
+- ADE20K (``ADEChallengeData2016``): ``images/{training,validation}/*.jpg`` and
+  ``annotations/{training,validation}/*.png``; 150 classes, file label 0 ("other") is
+  ignored and the rest shift down by one.
+- Pascal VOC (``VOC2012``): ``JPEGImages/``, palette PNGs in ``SegmentationClass/`` and the
+  split lists ``ImageSets/Segmentation/{train,val}.txt``; 21 classes, 255 (object borders)
+  is ignored.
+- Generic folders: ``images/<split>/`` and ``masks/<split>/<same stem>.png``; class names
+  from ``classes.txt`` (one per line) when present, else the number of classes is read off
+  the masks.
+- Fashion-MNIST scenes (the embedded default): canvases holding 2-4 real Fashion-MNIST
+  items at seeded random places. Their masks are DERIVED from the items' pixel intensities
+  (foreground = intensity above a threshold), not drawn by annotators.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from dino_locat.data.fashion_mnist import CLASSES as FASHION_CLASSES
+from dino_locat.data.fashion_mnist import FashionMNIST
+from dino_locat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+ADE20K_NUM_CLASSES = 150
+LAYOUTS = ("auto", "ade20k", "voc", "folders")
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "validation")}
+# Fashion-MNIST items are dark-background photographs; pixels above this (of 255) are the item.
+FOREGROUND_THRESHOLD = 40
+ITEM_SIZE = 28
+
+Pair = tuple[Path, Path]
+
+
+class SegmentationDataError(ValueError):
+    """A segmentation folder or file that cannot be used; the message names it."""
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A single-channel index mask (palette PNGs give their indices, not colours)."""
+    try:
+        with Image.open(path) as mask:
+            if mask.mode not in ("L", "P", "I", "I;16"):
+                raise SegmentationDataError(
+                    f"mask {path} has mode {mask.mode}: expected a single-channel index PNG"
+                )
+            return np.array(mask)
+    except (OSError, UnidentifiedImageError) as err:
+        raise SegmentationDataError(f"cannot read mask {path}: {err}") from err
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise SegmentationDataError(f"cannot read image {path}: {err}") from err
+
+
+def _split_dir(parent: Path, split: str) -> Path:
+    for name in SPLIT_NAMES.get(split, (split,)):
+        if (parent / name).is_dir():
+            return parent / name
+    raise SegmentationDataError(
+        f"no {split!r} split folder in {parent} (looked for {', '.join(SPLIT_NAMES[split])})"
+    )
+
+
+def _pair_by_stem(image_dir: Path, mask_dir: Path) -> list[Pair]:
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise SegmentationDataError(f"no images in {image_dir}")
+    pairs = []
+    for image in images:
+        mask = mask_dir / f"{image.stem}.png"
+        if not mask.is_file():
+            raise SegmentationDataError(f"image {image} has no mask {mask}")
+        pairs.append((image, mask))
+    return pairs
+
+
+def detect_layout(root: Path) -> str:
+    """Which of the supported layouts ``root`` holds."""
+    if (root / "images").is_dir() and (root / "annotations").is_dir():
+        return "ade20k"
+    if (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
+        return "voc"
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "folders"
+    raise SegmentationDataError(
+        f"--data_path {root} matches no segmentation layout: expected images/ + annotations/ "
+        "(ADE20K), JPEGImages/ + SegmentationClass/ (Pascal VOC) or images/ + masks/"
+    )
+
+
+class SegmentationFolder(Dataset):
+    """One split of an ADE20K, Pascal VOC or generic images/ + masks/ folder."""
+
+    ignore_index = IGNORE_INDEX
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        layout: str = "auto",
+        transform: Callable[[Image.Image, Image.Image], Any] | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SegmentationDataError(f"--data_path {self.root} is not a folder")
+        if layout not in LAYOUTS:
+            raise SegmentationDataError(f"--layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = detect_layout(self.root) if layout == "auto" else layout
+        self.split = split
+        self.transform = transform
+        if self.layout == "ade20k":
+            self.pairs = _pair_by_stem(
+                _split_dir(self.root / "images", split),
+                _split_dir(self.root / "annotations", split),
+            )
+            self.classes = self._ade20k_names()
+        elif self.layout == "voc":
+            self.pairs = self._voc_pairs()
+            self.classes = VOC_CLASSES
+        else:
+            self.pairs = _pair_by_stem(
+                _split_dir(self.root / "images", split), _split_dir(self.root / "masks", split)
+            )
+            self.classes = self._folder_names(num_classes)
+        if num_classes is not None and num_classes != len(self.classes):
+            raise SegmentationDataError(
+                f"--num_classes {num_classes} contradicts the {self.layout} layout of "
+                f"{self.root}, which has {len(self.classes)} classes"
+            )
+
+    def _ade20k_names(self) -> tuple[str, ...]:
+        info = self.root / "objectInfo150.txt"
+        if info.is_file():
+            rows = info.read_text().splitlines()[1:]
+            names = tuple(row.split("\t")[-1].split(";")[0].strip() for row in rows if row.strip())
+            if len(names) == ADE20K_NUM_CLASSES:
+                return names
+        return tuple(f"class_{i:03d}" for i in range(ADE20K_NUM_CLASSES))
+
+    def _voc_pairs(self) -> list[Pair]:
+        listing = self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt"
+        if not listing.is_file():
+            raise SegmentationDataError(f"Pascal VOC split file {listing} not found")
+        pairs = []
+        for stem in listing.read_text().split():
+            image = self.root / "JPEGImages" / f"{stem}.jpg"
+            mask = self.root / "SegmentationClass" / f"{stem}.png"
+            for path in (image, mask):
+                if not path.is_file():
+                    raise SegmentationDataError(f"{listing} lists {stem}, but {path} is missing")
+            pairs.append((image, mask))
+        if not pairs:
+            raise SegmentationDataError(f"{listing} lists no images")
+        return pairs
+
+    def _folder_names(self, num_classes: int | None) -> tuple[str, ...]:
+        names_file = self.root / "classes.txt"
+        if names_file.is_file():
+            return tuple(
+                line.strip() for line in names_file.read_text().splitlines() if line.strip()
+            )
+        if num_classes is None:
+            labels = [read_mask(mask) for _, mask in self.pairs]
+            num_classes = 1 + max(int(m[m != IGNORE_INDEX].max(initial=0)) for m in labels)
+            print(f"{self.root}: no classes.txt, {num_classes} classes read off the masks")
+        return tuple(f"class_{i}" for i in range(num_classes))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        labels = read_mask(mask_path).astype(np.int64)
+        if labels.shape != (image.height, image.width):
+            raise SegmentationDataError(
+                f"mask {mask_path} is {labels.shape[1]}x{labels.shape[0]} but image "
+                f"{image_path} is {image.width}x{image.height}"
+            )
+        if self.layout == "ade20k":
+            labels = np.where(labels == 0, IGNORE_INDEX, labels - 1)
+        bad = (labels >= len(self.classes)) & (labels != IGNORE_INDEX)
+        if bad.any():
+            raise SegmentationDataError(
+                f"mask {mask_path} holds label {int(labels[bad].max())}, but the dataset has "
+                f"{len(self.classes)} classes (and {IGNORE_INDEX} = ignore)"
+            )
+        mask = Image.fromarray(labels.astype(np.uint8))
+        return self.transform(image, mask) if self.transform else (image, mask)
+
+
+class FashionMNISTScenes(Dataset):
+    """Seeded canvases of 2-4 real Fashion-MNIST items; masks derived, not annotated.
+
+    Label 0 is background; an item's foreground pixels (intensity > ``threshold``) get
+    ``1 + its Fashion-MNIST class``. Items later in a scene are pasted over earlier ones
+    where they are foreground, so the mask always says which item a visible pixel shows.
+    Scene ``i`` depends only on (seed, split, i): subsets and worker order do not change it.
+    Train scenes draw items from the train split, test scenes from the test split.
+    """
+
+    classes = ("background",) + FASHION_CLASSES
+    ignore_index = IGNORE_INDEX
+
+    def __init__(
+        self,
+        split: str = "train",
+        num_scenes: int = 1000,
+        canvas_size: int = 64,
+        items: tuple[int, int] = (2, 4),
+        seed: int = 0,
+        threshold: int = FOREGROUND_THRESHOLD,
+        root: str | os.PathLike | None = None,
+        transform: Callable[[Image.Image, Image.Image], Any] | None = None,
+    ) -> None:
+        if canvas_size < ITEM_SIZE:
+            raise ValueError(f"canvas size {canvas_size} is smaller than an item ({ITEM_SIZE})")
+        self.source = FashionMNIST(split, root=root)
+        self.split = split
+        self.num_scenes = num_scenes
+        self.canvas_size = canvas_size
+        self.items = items
+        self.seed = seed
+        self.threshold = threshold
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.num_scenes
+
+    def scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(canvas uint8 (S, S), mask uint8 (S, S)) of scene ``index``."""
+        if not 0 <= index < self.num_scenes:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, index])
+        count = int(rng.integers(self.items[0], self.items[1] + 1))
+        picks = rng.integers(0, len(self.source.labels), size=count)
+        corners = rng.integers(0, self.canvas_size - ITEM_SIZE + 1, size=(count, 2))
+        canvas = np.zeros((self.canvas_size, self.canvas_size), dtype=np.uint8)
+        mask = np.zeros_like(canvas)
+        for pick, (top, left) in zip(picks, corners, strict=True):
+            item = self.source.images[pick]
+            foreground = item > self.threshold
+            window = (slice(top, top + ITEM_SIZE), slice(left, left + ITEM_SIZE))
+            canvas[window][foreground] = item[foreground]
+            mask[window][foreground] = 1 + self.source.labels[pick]
+        return canvas, mask
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        canvas, mask = self.scene(index)
+        image = Image.fromarray(canvas).convert("RGB")
+        mask_image = Image.fromarray(mask)
+        return self.transform(image, mask_image) if self.transform else (image, mask_image)
+
+
+class SegmentationTransform:
+    """Image and mask together: resize to a square (mask by nearest), flip when training.
+
+    Evaluation keeps the mask at its original size (``keep_mask_size``), so mIoU is
+    measured on the annotation's own pixels after the logits are upsampled to it.
+    """
+
+    def __init__(self, image_size: int, train: bool, keep_mask_size: bool = False) -> None:
+        self.size = (image_size, image_size)
+        self.train = train
+        self.keep_mask_size = keep_mask_size
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image, mask: Image.Image) -> tuple[Tensor, Tensor]:
+        pixels = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
+        labels = torch.from_numpy(np.array(mask, dtype=np.int64))
+        pixels = F.interpolate(
+            pixels[None], size=self.size, mode="bilinear", align_corners=False, antialias=True
+        )[0]
+        if not self.keep_mask_size:
+            labels = F.interpolate(labels[None, None].float(), size=self.size, mode="nearest")
+            labels = labels[0, 0].long()
+        if self.train and torch.rand(()) < 0.5:
+            pixels, labels = pixels.flip(-1), labels.flip(-1)
+        return (pixels - self.mean) / self.std, labels
+
+
+def collate_keep_masks(batch: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[Tensor]]:
+    """Stack images; keep masks as a list (they may differ in size at evaluation)."""
+    return torch.stack([image for image, _ in batch]), [mask for _, mask in batch]

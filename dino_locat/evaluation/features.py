@@ -1,0 +1,194 @@
+"""The one feature extractor every evaluator uses.
+
+Three views of a frozen backbone: the CLS embedding (k-NN), the CLS of the last n blocks
+plus the average of the last block's patch tokens (linear probe), and the raw patch tokens
+of the last block as a feature map (segmentation). ``extract_features`` runs any of them
+over a loader in batches without autograd, with progress and ETA, filling one
+preallocated tensor; ``cached_features`` keeps the result on disk keyed by a fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from dino_locat.checkpoint import load_checkpoint, plain_args, save_checkpoint
+from dino_locat.logging import Progress
+
+Embed = Callable[[nn.Module, Tensor], Tensor]
+
+
+def normalized_cls(model: nn.Module, images: Tensor) -> Tensor:
+    """L2-normalised CLS embedding (B, D): cosine similarity becomes an inner product."""
+    return F.normalize(model.forward_features(images)[:, 0], dim=-1)
+
+
+def stacked_linear_features(model: nn.Module, images: Tensor, n_last_blocks: int) -> Tensor:
+    """(B, n + 1, D): CLS of each of the last ``n`` blocks, then the last block's mean patch.
+
+    One backbone forward holds everything any (n' <= n, avgpool) linear head needs;
+    ``linear_features`` picks a variant out of it.
+    """
+    blocks = model.get_intermediate_layers(images, n_last_blocks)
+    cls = torch.stack([tokens[:, 0] for tokens in blocks], dim=1)
+    pooled = blocks[-1][:, 1:].mean(dim=1, keepdim=True)
+    return torch.cat([cls, pooled], dim=1)
+
+
+def linear_features(stacked: Tensor, n_last_blocks: int, avgpool: bool) -> Tensor:
+    """The input of one linear head: CLS of the last ``n_last_blocks`` blocks concatenated
+    (oldest first), plus the pooled patch tokens when ``avgpool``."""
+    cls = stacked[:, -1 - n_last_blocks : -1].flatten(1)
+    return torch.cat([cls, stacked[:, -1]], dim=1) if avgpool else cls
+
+
+def patch_feature_map(model: nn.Module, images: Tensor) -> Tensor:
+    """Last block's patch tokens before the final norm (and PRR) as a (B, D, h, w) map."""
+    tokens, (h, w) = model.get_patch_tokens(images)
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader: DataLoader,
+    embed: Embed = normalized_cls,
+    device: torch.device | str = "cpu",
+    header: str = "features",
+) -> tuple[Tensor, Tensor]:
+    """Run ``embed`` over every (image, target) batch of ``loader``.
+
+    Returns (features (N, ...) float32, targets (N, ...) int64), both on the CPU in loader
+    order; targets are class labels or, for segmentation, masks.
+    """
+    total = len(loader.dataset)
+    features: Tensor | None = None
+    targets: Tensor | None = None
+    progress = Progress(loader, len(loader), header=header)
+    start = 0
+    for images, batch_targets in progress:
+        out = embed(model, images.to(device, non_blocking=True)).float().cpu()
+        batch_targets = torch.as_tensor(batch_targets)
+        if features is None or targets is None:
+            features = torch.empty((total, *out.shape[1:]), dtype=torch.float32)
+            targets = torch.empty((total, *batch_targets.shape[1:]), dtype=torch.long)
+        features[start : start + len(out)] = out
+        targets[start : start + len(out)] = batch_targets
+        start += len(out)
+        if progress.due:
+            progress.log(*progress.rate())
+    if features is None or targets is None or start != total:
+        raise RuntimeError(f"{header}: the loader gave {start} of {total} items")
+    print(progress.summary(), flush=True)
+    return features, targets
+
+
+class FrozenBatches:
+    """Training batches of frozen-backbone features, epoch after epoch.
+
+    With ``cache`` the features are extracted once and each epoch reshuffles them in
+    memory (fast; right when the images are not augmented). Without it every epoch runs
+    the backbone on freshly loaded (augmented) images. Either way one backbone forward
+    serves every head trained on top.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        embed: Embed,
+        device: torch.device,
+        batch_size: int,
+        num_workers: int,
+        cache: bool,
+        shuffle: bool = True,
+        seed: int = 0,
+        header: str = "features",
+    ) -> None:
+        self.model, self.embed, self.device = model, embed, device
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.header = header
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle and not cache,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self.cached = None
+        if cache:
+            self.cached = extract_features(model, self.loader, embed, device, header)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(features, targets) batches on the device for one pass over the data."""
+        if self.cached is None:
+            for images, targets in self.loader:
+                with torch.no_grad():
+                    features = self.embed(self.model, images.to(self.device, non_blocking=True))
+                yield features.float(), torch.as_tensor(targets).to(self.device)
+            return
+        features, targets = self.cached
+        order = torch.arange(len(targets))
+        if self.shuffle:
+            order = torch.randperm(
+                len(targets), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            )
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            yield features[batch].to(self.device), targets[batch].to(self.device)
+
+
+@torch.no_grad()
+def feature_bytes(model: nn.Module, dataset: Dataset, embed: Embed, device: torch.device) -> int:
+    """Memory the features of the whole dataset would take (one sample embedded to see)."""
+    image = dataset[0][0]
+    out = embed(model, image[None].to(device))
+    return out[0].numel() * 4 * len(dataset)
+
+
+def save_features(
+    path: str | os.PathLike, features: Tensor, labels: Tensor, info: Mapping[str, Any]
+) -> Path:
+    """Write features, labels and what produced them (atomic, like every checkpoint)."""
+    return save_checkpoint({"features": features, "labels": labels, "info": dict(info)}, path)
+
+
+def load_features(path: str | os.PathLike) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """(features, labels, info) written by ``save_features``."""
+    data = load_checkpoint(path)
+    if not isinstance(data, Mapping) or not {"features", "labels"} <= set(data):
+        raise ValueError(f"{path} is not a feature file written by save_features")
+    return data["features"], data["labels"], dict(data.get("info", {}))
+
+
+def cached_features(
+    path: str | os.PathLike | None,
+    fingerprint: Mapping[str, Any],
+    compute: Callable[[], tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
+    """``compute()``, or its earlier result stored at ``path`` if made with the same
+    ``fingerprint`` (checkpoint, image size, split, subset ...). No caching when path is
+    None; a stale file is recomputed and replaced."""
+    fingerprint = plain_args(fingerprint)
+    if path is not None and Path(path).is_file():
+        features, labels, info = load_features(path)
+        if info.get("fingerprint") == fingerprint:
+            print(f"reusing features from {path}", flush=True)
+            return features, labels
+        print(f"{path} was made from other inputs: recomputing it", flush=True)
+    features, labels = compute()
+    if path is not None:
+        save_features(path, features, labels, {"fingerprint": fingerprint})
+        print(f"features written to {path}", flush=True)
+    return features, labels

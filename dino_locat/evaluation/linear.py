@@ -1,0 +1,350 @@
+"""Linear probe on a frozen backbone, many heads at once (DESIGN §6).
+
+Every (n_last_blocks, avgpool_patchtokens, learning rate) combination gets its own linear
+head, and all heads train together: each batch goes through the backbone once (or comes
+from the feature cache) and every head reads its own slice of that one forward. The head
+with the best validation top-1 is reported and saved. Optimiser as DINO's linear eval:
+SGD, momentum 0.9, no weight decay, lr scaled by batch/256, cosine to 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision import transforms
+
+from dino_locat.checkpoint import plain_args, save_checkpoint
+from dino_locat.data.transforms import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from dino_locat.evaluation.backbone import frozen_backbone
+from dino_locat.evaluation.features import (
+    FrozenBatches,
+    feature_bytes,
+    linear_features,
+    stacked_linear_features,
+)
+from dino_locat.evaluation.metrics import topk_correct
+from dino_locat.evaluation.options import (
+    EvaluationInputError,
+    add_backbone_args,
+    add_run_args,
+    add_subset_args,
+    boolean_choices,
+    check_positive,
+    default_output_dir,
+    resolve_device,
+)
+from dino_locat.evaluation.report import Report
+from dino_locat.evaluation.splits import classification_splits
+from dino_locat.logging import Progress
+from dino_locat.training.args import bool_flag
+from dino_locat.training.schedules import cosine_schedule
+
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+# Embedded default (Fashion-MNIST): cached features, about a minute for a ViT-S at 32 px.
+EMBEDDED_SIZES = (10000, 2000)
+EMBEDDED_EPOCHS = 20
+DINO_EPOCHS = 100
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    n_last_blocks: int
+    avgpool_patchtokens: bool
+    lr: float
+
+    @property
+    def name(self) -> str:
+        return f"n{self.n_last_blocks}_pool{int(self.avgpool_patchtokens)}_lr{self.lr:g}"
+
+
+class LinearHeads(nn.Module):
+    """One linear classifier per spec, all fed from one stacked feature tensor."""
+
+    def __init__(self, specs: list[HeadSpec], embed_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.specs = specs
+        self.heads = nn.ModuleList()
+        for spec in specs:
+            head = nn.Linear(
+                embed_dim * (spec.n_last_blocks + spec.avgpool_patchtokens), num_classes
+            )
+            nn.init.normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+            self.heads.append(head)
+
+    def forward(self, stacked: Tensor) -> list[Tensor]:
+        inputs: dict[tuple[int, bool], Tensor] = {}
+        logits = []
+        for spec, head in zip(self.specs, self.heads, strict=True):
+            key = (spec.n_last_blocks, spec.avgpool_patchtokens)
+            if key not in inputs:
+                inputs[key] = linear_features(stacked, *key)
+            logits.append(head(inputs[key]))
+        return logits
+
+
+def linear_train_transform(image_size: int) -> transforms.Compose:
+    """DINO's linear-probe augmentation: random-resized crop and horizontal flip."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, interpolation=BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+@torch.no_grad()
+def evaluate_heads(heads: LinearHeads, batches: FrozenBatches) -> list[dict[str, float | None]]:
+    """Top-1 / top-5 (%) of every head on one pass over ``batches``."""
+    heads.eval()
+    correct = torch.zeros(len(heads.specs), 2, dtype=torch.long)
+    has_top5 = True
+    total = 0
+    for stacked, labels in batches.epoch(0):
+        for i, logits in enumerate(heads(stacked)):
+            top1, top5 = topk_correct(logits.cpu(), labels.cpu(), (1, 5))
+            correct[i, 0] += top1
+            has_top5 = top5 is not None
+            correct[i, 1] += top5 or 0
+        total += len(labels)
+    return [
+        {"top1": 100.0 * int(c[0]) / total, "top5": 100.0 * int(c[1]) / total if has_top5 else None}
+        for c in correct
+    ]
+
+
+def train_linear_heads(
+    heads: LinearHeads,
+    train: FrozenBatches,
+    val: FrozenBatches,
+    epochs: int,
+    batch_size: int,
+    val_freq: int,
+    report: Report,
+) -> tuple[list[dict[str, Any]], int, dict[str, Tensor]]:
+    """Train all heads jointly; returns per-head best records, the best head's index and
+    its weights at its best epoch."""
+    optimizer = torch.optim.SGD(
+        [
+            {"params": h.parameters(), "lr": s.lr * batch_size / 256}
+            for s, h in zip(heads.specs, heads.heads, strict=True)
+        ],
+        momentum=0.9,
+        weight_decay=0.0,
+    )
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    factor = cosine_schedule(1.0, 0.0, epochs, len(train))
+    records = [
+        {**asdict(s), "name": s.name, "top1": -1.0, "top5": None, "epoch": None}
+        for s in heads.specs
+    ]
+    best_index, best_state = 0, {}
+    step = 0
+    for epoch in range(epochs):
+        heads.train()
+        progress = Progress(
+            train.epoch(epoch), len(train), header=f"linear epoch {epoch + 1}/{epochs}"
+        )
+        for stacked, labels in progress:
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * float(factor[step])
+            losses = torch.stack([F.cross_entropy(out, labels) for out in heads(stacked)])
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            step += 1
+            if progress.due:
+                mean_loss = float(losses.detach().mean())
+                progress.log(
+                    *progress.rate(), loss_mean=mean_loss, loss_min=float(losses.detach().min())
+                )
+                report.scalar("train/loss_mean", mean_loss, step)
+        if (epoch + 1) % val_freq and epoch + 1 != epochs:
+            continue
+        for i, (acc, record) in enumerate(zip(evaluate_heads(heads, val), records, strict=True)):
+            report.scalar(f"val_top1/{record['name']}", acc["top1"], epoch + 1)
+            if acc["top1"] > record["top1"]:
+                record.update(acc, epoch=epoch + 1)
+                if acc["top1"] > records[best_index]["top1"] or i == best_index:
+                    best_index = i
+                    best_state = copy.deepcopy(heads.heads[i].state_dict())
+        best = records[best_index]
+        print(
+            f"epoch {epoch + 1}: best head so far {best['name']} top-1 {best['top1']:.2f}%",
+            flush=True,
+        )
+        report.scalar("val_top1/best", best["top1"], epoch + 1)
+    return records, best_index, best_state
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "Linear probe of a frozen backbone: a grid of heads trained in one pass",
+        add_help=add_help,
+    )
+    add_backbone_args(parser)
+    add_subset_args(parser, *EMBEDDED_SIZES)
+    add_run_args(parser, batch_size=128)
+    group = parser.add_argument_group("linear probe")
+    group.add_argument(
+        "--n_last_blocks",
+        type=int,
+        nargs="+",
+        default=[1, 4],
+        help="CLS tokens of the last n blocks are concatenated; each value is one variant (1 4)",
+    )
+    group.add_argument(
+        "--avgpool_patchtokens",
+        type=bool_flag,
+        nargs="+",
+        default=[False, True],
+        help="also concatenate the mean patch token; false/true, both by default",
+    )
+    group.add_argument(
+        "--lrs",
+        "--lr",
+        dest="lrs",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_LRS),
+        help="learning rates at batch 256, one head each (default: 1e-4 ... 0.1)",
+    )
+    group.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"default: {DINO_EPOCHS} with --data_path, {EMBEDDED_EPOCHS} on Fashion-MNIST",
+    )
+    group.add_argument(
+        "--augment",
+        type=bool_flag,
+        default=None,
+        help="random-resized crop + flip on training images, backbone run every epoch "
+        "(default: true with --data_path as in DINO, false on Fashion-MNIST: features cached)",
+    )
+    group.add_argument(
+        "--cache_limit_gb",
+        type=float,
+        default=4.0,
+        help="cache frozen features in memory only below this size (default: 4)",
+    )
+    group.add_argument("--val_freq", type=int, default=1, help="validate every N epochs (1)")
+    return parser
+
+
+def run_linear(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the grid of heads, report every head and the best, save the best head."""
+    check_positive(args, "n_last_blocks", "lrs", "epochs", "batch_size_per_gpu", "val_freq")
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    model, info = frozen_backbone(args, device)
+    depth = info["depth"]
+    if max(args.n_last_blocks) > depth:
+        raise EvaluationInputError(
+            f"--n_last_blocks {max(args.n_last_blocks)} exceeds the backbone's {depth} blocks"
+        )
+    embedded = args.data_path is None
+    epochs = args.epochs or (EMBEDDED_EPOCHS if embedded else DINO_EPOCHS)
+    augment = (not embedded) if args.augment is None else args.augment
+    test_transform = eval_transform(info["image_size"])
+    train_transform = linear_train_transform(info["image_size"]) if augment else test_transform
+    splits = classification_splits(
+        args.data_path,
+        train_transform,
+        test_transform,
+        args.train_subset,
+        args.test_subset,
+        EMBEDDED_SIZES,
+    )
+    print(splits.description, flush=True)
+    pools = boolean_choices(args.avgpool_patchtokens, [False, True])
+    specs = [
+        HeadSpec(n, pool, lr)
+        for n in dict.fromkeys(args.n_last_blocks)
+        for pool in pools
+        for lr in args.lrs
+    ]
+    embed = partial(stacked_linear_features, n_last_blocks=max(args.n_last_blocks))
+    limit = args.cache_limit_gb * 2**30
+    batches = {}
+    for split, dataset in (("train", splits.train), ("val", splits.test)):
+        size = feature_bytes(model, dataset, embed, device)
+        cache = (split == "val" or not augment) and size <= limit
+        print(
+            f"{split}: {len(dataset)} images, features {size / 2**30:.2f} GB "
+            f"{'cached in memory' if cache else 'recomputed every pass'}",
+            flush=True,
+        )
+        batches[split] = FrozenBatches(
+            model,
+            dataset,
+            embed,
+            device,
+            args.batch_size_per_gpu,
+            args.num_workers,
+            cache,
+            shuffle=split == "train",
+            seed=args.seed,
+            header=f"{split} features",
+        )
+    print(
+        f"training {len(specs)} heads for {epochs} epochs (augment={augment}): "
+        f"n_last_blocks {sorted(set(args.n_last_blocks))} x avgpool {pools} x lr {args.lrs}",
+        flush=True,
+    )
+    heads = LinearHeads(specs, info["embed_dim"], len(splits.classes)).to(device)
+    output_dir = default_output_dir(args, "linear")
+    report = Report(output_dir, "linear")
+    records, best_index, best_state = train_linear_heads(
+        heads,
+        batches["train"],
+        batches["val"],
+        epochs,
+        args.batch_size_per_gpu,
+        args.val_freq,
+        report,
+    )
+    for record in sorted(records, key=lambda r: -r["top1"]):
+        top5 = "-" if record["top5"] is None else f"{record['top5']:.2f}%"
+        top1, epoch = record["top1"], record["epoch"]
+        print(f"{record['name']:<28} top-1 {top1:.2f}%  top-5 {top5}  (epoch {epoch})")
+    best = records[best_index]
+    head_path = save_checkpoint(
+        {
+            "head": best_state,
+            "spec": {k: best[k] for k in ("n_last_blocks", "avgpool_patchtokens", "lr")},
+            "classes": list(splits.classes),
+            "embed_dim": info["embed_dim"],
+            "epoch": best["epoch"],
+            "val": {"top1": best["top1"], "top5": best["top5"]},
+            "backbone": {
+                k: info[k]
+                for k in ("checkpoint", "checkpoint_key", "arch", "patch_size", "image_size")
+            },
+            "args": plain_args(args),
+        },
+        output_dir / "linear_head.pth",
+    )
+    print(f"best head {best['name']}: top-1 {best['top1']:.2f}%, saved to {head_path}")
+    results = {
+        "evaluation": "linear",
+        **{k: info[k] for k in ("checkpoint", "checkpoint_key", "arch", "epoch", "image_size")},
+        "data": splits.description,
+        "num_classes": len(splits.classes),
+        "epochs": epochs,
+        "augment": augment,
+        "best": best,
+        "best_head_file": str(head_path),
+        "heads": records,
+    }
+    report.finish(results)
+    return results

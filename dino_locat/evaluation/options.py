@@ -1,0 +1,151 @@
+"""Flags shared by the three evaluators, defined once, and their command-line entry wrapper.
+
+Names follow DINO's evaluation scripts (``--pretrained_weights --checkpoint_key --arch
+--patch_size --batch_size_per_gpu --num_workers --data_path --output_dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dino_locat.checkpoint import CheckpointError
+from dino_locat.data.fashion_mnist import DatasetMissingError
+from dino_locat.data.segmentation import SegmentationDataError
+from dino_locat.models import ARCH_NAMES
+
+
+class EvaluationInputError(ValueError):
+    """A flag or input that cannot be evaluated; the message names it."""
+
+
+USER_ERRORS = (
+    CheckpointError,
+    DatasetMissingError,
+    EvaluationInputError,
+    SegmentationDataError,
+    OSError,
+)
+
+
+def add_backbone_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_argument_group("backbone")
+    group.add_argument(
+        "--pretrained_weights",
+        default=None,
+        required=required,
+        help="checkpoint to evaluate: our checkpoint.pth (or its output_dir), an official "
+        "DINO checkpoint, or a bare / timm backbone state_dict",
+    )
+    group.add_argument(
+        "--checkpoint_key",
+        default="teacher",
+        help="which network of a training checkpoint: teacher (default) or student",
+    )
+    group.add_argument(
+        "--arch",
+        default=None,
+        help=f"one of {', '.join(ARCH_NAMES)}; read from the checkpoint, so only needed "
+        "(and checked against it) when you want to assert it",
+    )
+    group.add_argument(
+        "--patch_size", type=int, default=None, help="read from the checkpoint; checked if given"
+    )
+    group.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="evaluation resolution (default: the checkpoint's global crop size)",
+    )
+
+
+def add_run_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument(
+        "--output_dir",
+        default=None,
+        help="results.json and TensorBoard events (default: next to the checkpoint)",
+    )
+    group.add_argument(
+        "--batch_size_per_gpu", type=int, default=batch_size, help="(default: %(default)s)"
+    )
+    group.add_argument(
+        "--num_workers", type=int, default=2, help="data loader workers (default: 2)"
+    )
+    group.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="subset and training seed (0)")
+
+
+def add_subset_args(parser: argparse.ArgumentParser, train: int, test: int) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data_path",
+        default=None,
+        help="ImageFolder root with train/ and val/ (ImageNet layout); default: the "
+        "embedded Fashion-MNIST train/test split",
+    )
+    group.add_argument(
+        "--train_subset",
+        type=int,
+        default=None,
+        help=f"use N evenly spread training images, 0 = all (default: all with --data_path, "
+        f"{train} of Fashion-MNIST)",
+    )
+    group.add_argument(
+        "--test_subset",
+        type=int,
+        default=None,
+        help=f"same for the evaluation split (default: all, or {test} of Fashion-MNIST)",
+    )
+
+
+def boolean_choices(values: list[bool] | None, default: list[bool]) -> list[bool]:
+    """Deduplicated flag values in the given order (DINO-style true/false parsing)."""
+    return list(dict.fromkeys(values if values else default))
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise EvaluationInputError(f"--device {name!r}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationInputError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def default_output_dir(args: argparse.Namespace, name: str) -> Path:
+    """``--output_dir``, else ``<checkpoint folder>/eval_<name>``."""
+    if args.output_dir:
+        return Path(args.output_dir)
+    source = Path(args.pretrained_weights or ".")
+    folder = source if source.is_dir() else source.parent
+    return folder / f"eval_{name}"
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        values = value if isinstance(value, list) else [value]
+        if any(v is not None and v <= 0 for v in values):
+            raise EvaluationInputError(f"--{name} must be positive, got {value}")
+
+
+def run_cli(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
+    """Run an evaluator; a user error prints one clear line and exits with status 2."""
+    try:
+        return run(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err

@@ -1,0 +1,51 @@
+"""Where evaluation results go: stdout, an atomically written JSON file, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dino_locat.logging import tensorboard_writer
+
+
+def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` as JSON via a temp file + rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, allow_nan=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class Report:
+    """One evaluation's outputs under ``output_dir``: results.json and tensorboard/."""
+
+    def __init__(self, output_dir: str | os.PathLike, name: str) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.writer = tensorboard_writer(self.output_dir)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(f"{self.name}/{tag}", value, global_step=step)
+
+    def finish(self, results: Mapping[str, Any]) -> Path:
+        """Write results.json and flush TensorBoard; returns the JSON path."""
+        self.writer.add_text(f"{self.name}/results", f"```\n{json.dumps(results, indent=2)}\n```")
+        self.writer.close()
+        path = write_json_atomic(self.output_dir / "results.json", results)
+        print(f"results written to {path} (TensorBoard: {self.output_dir / 'tensorboard'})")
+        return path

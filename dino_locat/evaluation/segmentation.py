@@ -1,0 +1,320 @@
+"""Frozen-backbone semantic segmentation (DESIGN §6, the LocAtViT paper's protocol).
+
+The backbone's last-block patch tokens (before the final norm and PRR) form a (D, h, w)
+feature map; a small head (1x1 conv to 512 channels, GroupNorm, GELU, 1x1 classifier)
+is trained on it with AdamW, its logits upsampled bilinearly to the mask size. mIoU is
+computed on each validation mask at its own resolution, with 255 ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from dino_locat.checkpoint import plain_args, save_checkpoint
+from dino_locat.data.segmentation import (
+    IGNORE_INDEX,
+    LAYOUTS,
+    FashionMNISTScenes,
+    SegmentationFolder,
+    SegmentationTransform,
+    collate_keep_masks,
+)
+from dino_locat.evaluation.backbone import frozen_backbone
+from dino_locat.evaluation.features import FrozenBatches, feature_bytes, patch_feature_map
+from dino_locat.evaluation.metrics import ConfusionMatrix, iou_table
+from dino_locat.evaluation.options import (
+    add_backbone_args,
+    add_run_args,
+    check_positive,
+    default_output_dir,
+    resolve_device,
+)
+from dino_locat.evaluation.report import Report
+from dino_locat.logging import Progress
+from dino_locat.training.args import bool_flag
+from dino_locat.training.schedules import cosine_schedule
+from dino_locat.visualization.maps import display_images
+
+HIDDEN = 512
+# Embedded default (Fashion-MNIST scenes, 64 px): one to two minutes for a ViT-S on 2 idle cores.
+EMBEDDED_SCENES = (1000, 250)
+EMBEDDED_EPOCHS = 20
+FOLDER_EPOCHS = 40
+SHOWN_PREDICTIONS = 4
+
+
+class SegmentationHead(nn.Sequential):
+    """1x1 conv (512 ch) + GroupNorm + GELU + 1x1 classifier on a (B, D, h, w) map."""
+
+    def __init__(self, embed_dim: int, num_classes: int, hidden: int = HIDDEN) -> None:
+        super().__init__(
+            nn.Conv2d(embed_dim, hidden, kernel_size=1),
+            nn.GroupNorm(32, hidden),
+            nn.GELU(),
+            nn.Conv2d(hidden, num_classes, kernel_size=1),
+        )
+
+
+def upsampled_logits(head: nn.Module, feature_map: Tensor, size: tuple[int, int]) -> Tensor:
+    """Head logits, bilinearly upsampled from the patch grid to ``size`` (mask pixels)."""
+    return F.interpolate(head(feature_map), size=size, mode="bilinear", align_corners=False)
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """(C + 1, 3) uint8 colours: class c -> row c, ignore -> the last row (white)."""
+    cmap = colormaps["tab20"]
+    colours = [(0, 0, 0)] + [
+        tuple(int(255 * v) for v in cmap(i % 20)[:3]) for i in range(1, num_classes)
+    ]
+    return np.array(colours + [(255, 255, 255)], dtype=np.uint8)
+
+
+def colour_masks(mask: Tensor, colours: np.ndarray) -> np.ndarray:
+    """(H, W) labels -> (H, W, 3) uint8 picture; ignore pixels white."""
+    labels = mask.cpu().numpy().astype(np.int64)
+    labels = np.where(labels == IGNORE_INDEX, len(colours) - 1, labels)
+    return colours[labels]
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    model: nn.Module,
+    head: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    device: torch.device,
+    shown: int = SHOWN_PREDICTIONS,
+) -> tuple[ConfusionMatrix, np.ndarray | None]:
+    """Confusion matrix over the loader's masks, and a picture of the first predictions
+    (rows of image | ground truth | prediction, at mask resolution)."""
+    head.eval()
+    confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
+    colours = palette(num_classes)
+    rows: list[np.ndarray] = []
+    progress = Progress(loader, len(loader), header="segmentation eval")
+    for images, masks in progress:
+        features = patch_feature_map(model, images.to(device))
+        for i, mask in enumerate(masks):
+            logits = upsampled_logits(head, features[i : i + 1], tuple(mask.shape))
+            prediction = logits.argmax(1)[0].cpu()
+            confusion.update(prediction, mask)
+            if len(rows) < shown:
+                image = F.interpolate(images[i : i + 1].float(), size=tuple(mask.shape))
+                picture = (display_images(image)[0] * 255).astype(np.uint8)
+                rows.append(
+                    np.concatenate(
+                        [picture, colour_masks(mask, colours), colour_masks(prediction, colours)],
+                        axis=1,
+                    )
+                )
+        if progress.due:
+            progress.log(*progress.rate())
+    same_size = rows and all(r.shape == rows[0].shape for r in rows)
+    grid = np.concatenate(rows, axis=0) if same_size else (rows[0] if rows else None)
+    return confusion, grid
+
+
+def train_segmentation_head(
+    head: nn.Module,
+    train: FrozenBatches,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    report: Report,
+) -> None:
+    """AdamW on the head, cosine lr, cross-entropy on upsampled logits (255 ignored)."""
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = cosine_schedule(lr, 0.0, epochs, len(train))
+    step = 0
+    for epoch in range(epochs):
+        head.train()
+        progress = Progress(
+            train.epoch(epoch), len(train), header=f"segmentation epoch {epoch + 1}/{epochs}"
+        )
+        for features, masks in progress:
+            for group in optimizer.param_groups:
+                group["lr"] = float(schedule[step])
+            logits = upsampled_logits(head, features, tuple(masks.shape[-2:]))
+            loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if progress.due:
+                value = float(loss.detach())
+                progress.log(*progress.rate(), loss=value, lr=float(schedule[step - 1]))
+                report.scalar("train/loss", value, step)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "Frozen-backbone semantic segmentation (linear-style head on patch tokens)",
+        add_help=add_help,
+    )
+    add_backbone_args(parser)
+    add_run_args(parser, batch_size=32)
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data_path",
+        default=None,
+        help="ADE20K (images/ + annotations/), Pascal VOC (JPEGImages/ + SegmentationClass/) "
+        "or images/<split>/ + masks/<split>/; default: embedded Fashion-MNIST scenes",
+    )
+    data.add_argument("--layout", choices=LAYOUTS, default="auto", help="folder layout (auto)")
+    data.add_argument("--train_split", default="train", help="train split name (train)")
+    data.add_argument("--val_split", default="val", help="evaluation split name (val)")
+    data.add_argument(
+        "--num_classes", type=int, default=None, help="generic layout without classes.txt"
+    )
+    data.add_argument(
+        "--train_scenes",
+        type=int,
+        default=EMBEDDED_SCENES[0],
+        help="Fashion-MNIST scenes from the train split (%(default)s)",
+    )
+    data.add_argument(
+        "--test_scenes",
+        type=int,
+        default=EMBEDDED_SCENES[1],
+        help="Fashion-MNIST scenes from the test split (%(default)s)",
+    )
+    data.add_argument("--canvas_size", type=int, default=64, help="scene side in px (64)")
+    head = parser.add_argument_group("head training")
+    head.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"default: {EMBEDDED_EPOCHS} on the scenes, {FOLDER_EPOCHS} with --data_path",
+    )
+    head.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr (1e-3)")
+    head.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW decay (1e-4)")
+    head.add_argument(
+        "--augment",
+        type=bool_flag,
+        default=False,
+        help="random horizontal flips; the backbone then runs every epoch (false)",
+    )
+    head.add_argument(
+        "--cache_limit_gb",
+        type=float,
+        default=4.0,
+        help="cache training feature maps in memory only below this size (4)",
+    )
+    return parser
+
+
+def _datasets(args: argparse.Namespace, image_size: int) -> tuple[Dataset, Dataset, list[str]]:
+    train_tf = SegmentationTransform(image_size, train=args.augment)
+    val_tf = SegmentationTransform(image_size, train=False, keep_mask_size=True)
+    if args.data_path is None:
+        common = {"canvas_size": args.canvas_size, "seed": args.seed}
+        train = FashionMNISTScenes("train", args.train_scenes, transform=train_tf, **common)
+        val = FashionMNISTScenes("test", args.test_scenes, transform=val_tf, **common)
+        print(
+            f"Fashion-MNIST scenes (embedded default; masks derived from item pixels): "
+            f"{len(train)} train, {len(val)} test scenes of {args.canvas_size} px "
+            "(--train_scenes/--test_scenes)",
+            flush=True,
+        )
+        return train, val, list(train.classes)
+    train = SegmentationFolder(
+        args.data_path, args.train_split, args.layout, train_tf, args.num_classes
+    )
+    val = SegmentationFolder(args.data_path, args.val_split, args.layout, val_tf, args.num_classes)
+    print(
+        f"{train.layout} folder {args.data_path}: {len(train)} {args.train_split} and "
+        f"{len(val)} {args.val_split} images, {len(train.classes)} classes",
+        flush=True,
+    )
+    return train, val, list(train.classes)
+
+
+def run_segmentation(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the head on frozen patch tokens, report mIoU (+ per class) and predictions."""
+    check_positive(args, "epochs", "lr", "batch_size_per_gpu", "train_scenes", "test_scenes")
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    embedded = args.data_path is None
+    model, info = frozen_backbone(
+        args, device, image_size=args.image_size or (args.canvas_size if embedded else None)
+    )
+    image_size = info["image_size"]
+    epochs = args.epochs or (EMBEDDED_EPOCHS if embedded else FOLDER_EPOCHS)
+    train_set, val_set, classes = _datasets(args, image_size)
+    size = feature_bytes(model, train_set, patch_feature_map, device)
+    cache = not args.augment and size <= args.cache_limit_gb * 2**30
+    print(
+        f"train feature maps {size / 2**30:.2f} GB: "
+        f"{'cached in memory' if cache else 'recomputed every epoch'}",
+        flush=True,
+    )
+    train = FrozenBatches(
+        model,
+        train_set,
+        patch_feature_map,
+        device,
+        args.batch_size_per_gpu,
+        args.num_workers,
+        cache,
+        seed=args.seed,
+        header="train feature maps",
+    )
+    val_loader = DataLoader(
+        val_set,
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        collate_fn=collate_keep_masks,
+    )
+    head = SegmentationHead(info["embed_dim"], len(classes)).to(device)
+    output_dir = default_output_dir(args, "segmentation")
+    report = Report(output_dir, "segmentation")
+    train_segmentation_head(head, train, epochs, args.lr, args.weight_decay, report)
+    confusion, picture = evaluate_segmentation(model, head, val_loader, len(classes), device)
+    iou = confusion.iou()
+    print(iou_table(iou, classes))
+    miou, accuracy = confusion.mean_iou(), confusion.pixel_accuracy()
+    print(f"mIoU {miou:.2f}%  pixel accuracy {accuracy:.2f}%", flush=True)
+    report.scalar("val/mIoU", miou, epochs)
+    report.scalar("val/pixel_accuracy", accuracy, epochs)
+    if picture is not None:
+        report.writer.add_image(
+            "segmentation/image_truth_prediction", picture, global_step=epochs, dataformats="HWC"
+        )
+    head_path = save_checkpoint(
+        {
+            "head": head.state_dict(),
+            "classes": classes,
+            "embed_dim": info["embed_dim"],
+            "backbone": {
+                k: info[k] for k in ("checkpoint", "checkpoint_key", "arch", "patch_size")
+            },
+            "image_size": image_size,
+            "args": plain_args(args),
+        },
+        output_dir / "segmentation_head.pth",
+    )
+    results = {
+        "evaluation": "segmentation",
+        **{k: info[k] for k in ("checkpoint", "checkpoint_key", "arch", "epoch")},
+        "image_size": image_size,
+        "num_classes": len(classes),
+        "ignore_index": IGNORE_INDEX,
+        "epochs": epochs,
+        "mIoU": miou,
+        "pixel_accuracy": accuracy,
+        "per_class_iou": {
+            name: (None if value != value else 100.0 * value)
+            for name, value in zip(classes, iou.tolist(), strict=True)
+        },
+        "head_file": str(head_path),
+    }
+    report.finish(results)
+    return results

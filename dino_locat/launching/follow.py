@@ -1,0 +1,130 @@
+"""Staying attached to a submitted job: stream its log here and report how it ended."""
+
+from __future__ import annotations
+
+import codecs
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import submitit
+
+POLL_S = 1.0
+QUEUE_POLL_S = 10.0
+
+
+class LogTail:
+    """Copies what a job appends to one log file onto a console stream."""
+
+    def __init__(self, path: str | os.PathLike, stream: TextIO) -> None:
+        self.path = Path(path)
+        self.stream = stream
+        self.offset = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def pump(self) -> None:
+        """Write out whatever is new since the last call."""
+        try:
+            with self.path.open("rb") as handle:
+                if os.fstat(handle.fileno()).st_size < self.offset:  # rewritten from scratch
+                    self.offset = 0
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        if data:
+            self.offset += len(data)
+            self.stream.write(self.decoder.decode(data))
+            self.stream.flush()
+
+
+class QueueState:
+    """Reports a SLURM job's queue state and reason (``squeue``) whenever they change.
+
+    Without it a job that can never start (e.g. PENDING for PartitionConfig: more CPUs than
+    any node has) would look like a silent hang.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.last = ""
+        self.checked = float("-inf")
+
+    def pump(self) -> None:
+        if time.monotonic() - self.checked < QUEUE_POLL_S:
+            return
+        self.checked = time.monotonic()
+        try:
+            state = subprocess.run(
+                ["squeue", "-h", "-j", self.job_id, "-o", "%T (%r)"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return
+        if state and state != self.last:
+            print(f"[launch] job {self.job_id}: {state}", flush=True)
+            self.last = state
+
+
+def describe(job: submitit.Job[Any]) -> str:
+    """One line saying which job this is and where its log files are."""
+    paths = job.paths
+    return f"job {job.job_id}: log {paths.stdout}, errors {paths.stderr}"
+
+
+def _last_error_line(message: str) -> str:
+    """The exception line that ends the traceback inside submitit's error message."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    rules = [i for i, line in enumerate(lines) if set(line.strip()) == {"-"}]
+    if len(rules) >= 2:
+        return lines[rules[1] - 1]
+    return lines[0] if lines else "unknown error"
+
+
+def follow(job: submitit.Job[Any]) -> int:
+    """Wait for ``job``, streaming its first task's stdout/stderr; return 0 if it succeeded.
+
+    On failure the job's own traceback has been streamed (it is also in its error log) and
+    its last line is repeated. Ctrl-C cancels a local job and detaches from a SLURM one,
+    which keeps running.
+    """
+    if isinstance(job, submitit.local.debug.DebugJob):
+        job.results()  # runs in this process; an exception propagates with its traceback
+        return 0
+    watchers: list[LogTail | QueueState] = [
+        LogTail(job.paths.stdout, sys.stdout),
+        LogTail(job.paths.stderr, sys.stderr),
+    ]
+    if isinstance(job, submitit.SlurmJob):
+        watchers.append(QueueState(job.job_id))
+    try:
+        while not job.done():
+            for watcher in watchers:
+                watcher.pump()
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        if isinstance(job, submitit.SlurmJob):
+            print(
+                f"\n[launch] detached; job {job.job_id} keeps running (scancel {job.job_id} "
+                "stops it)",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(f"\n[launch] interrupted: cancelling job {job.job_id}", file=sys.stderr)
+            job.cancel(check=False)
+        return 130
+    for watcher in watchers:
+        watcher.pump()
+    error = job.exception()
+    if error is None:
+        print(f"[launch] job {job.job_id} finished", flush=True)
+        return 0
+    print(f"[launch] job {job.job_id} failed: {_last_error_line(str(error))}", file=sys.stderr)
+    print(f"[launch] {describe(job)}", file=sys.stderr, flush=True)
+    return 1

@@ -1,0 +1,65 @@
+"""The callable that submitit runs, and how it survives time limits and preemption."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+
+def export_distributed_env() -> None:
+    """Set torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) for this task.
+
+    submitit knows the task layout from SLURM (SLURM_PROCID, SLURM_JOB_NODELIST...) or from
+    its local executor; exporting it the torchrun way lets ``dino_locat.distributed`` read
+    one set of variables however the job was started. The master is the first node of the
+    allocation and the port is derived from the job id, so all tasks agree, also after a
+    requeue. CUDA_VISIBLE_DEVICES is left alone: each process picks cuda:LOCAL_RANK.
+    """
+    submitit.helpers.TorchDistributedEnvironment().export(
+        set_cuda_visible_devices=False, overwrite=True
+    )
+
+
+class ResumableJob:
+    """Runs ``entry(args)`` in every task of a submitit job.
+
+    When SLURM warns of the time limit or of a preemption (USR2), submitit calls
+    ``checkpoint()`` on global rank 0. It returns this same job, so submitit requeues it;
+    the requeued run calls ``entry`` again, which continues from ``resume_from`` when
+    ``entry`` auto-resumes (DINO training does, from ``output_dir/checkpoint.pth``, written
+    atomically, so a kill mid-save leaves the previous one intact); other jobs start over.
+    """
+
+    def __init__(
+        self,
+        entry: Callable[[argparse.Namespace], Any],
+        args: argparse.Namespace,
+        resume_from: str | os.PathLike | None = None,
+    ) -> None:
+        self.entry = entry
+        self.args = args
+        self.resume_from = None if resume_from is None else Path(resume_from)
+
+    def __call__(self) -> Any:
+        env = submitit.JobEnvironment()
+        export_distributed_env()
+        if env.global_rank == 0:
+            print(
+                f"[launch] job {env.job_id}: {env.num_tasks} task(s) on {env.num_nodes} node(s), "
+                f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                flush=True,
+            )
+        return self.entry(self.args)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on USR2: requeue this same job (see the class docstring)."""
+        if self.resume_from is not None and self.resume_from.is_file():
+            print(f"[launch] requeueing: the next run resumes from {self.resume_from}", flush=True)
+        else:
+            print("[launch] requeueing: the next run starts over", flush=True)
+        return submitit.helpers.DelayedSubmission(self)

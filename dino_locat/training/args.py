@@ -1,0 +1,279 @@
+"""Command-line flags of DINO pretraining (DINO's names and defaults) and the CPU preset.
+
+Flags that the embedded Fashion-MNIST run changes default to ``None`` in the parser;
+:func:`resolve_args` fills them in from DINO's defaults (with ``--data_path``) or from the
+CPU preset (without), so any flag the user actually passes always wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dino_locat.models import ARCH_NAMES, canonical_arch
+
+# DINO's own defaults for the flags that the embedded preset may change.
+DINO_DEFAULTS: dict[str, Any] = {
+    "patch_size": 16,
+    "out_dim": 65536,
+    "global_crops_size": 224,
+    "local_crops_size": 96,
+    "local_crops_number": 8,
+    "batch_size_per_gpu": 64,
+    "epochs": 100,
+    "warmup_epochs": 10,
+    "momentum_teacher": 0.996,
+    "lr": 0.0005,
+    "saveckp_freq": 20,
+    "num_workers": 10,
+    "subset": 0,
+    "vis_freq": 10,
+}
+
+# Sized so that `python -m dino_locat.training --arch locatvit_s` (full ViT-S depth) runs
+# end to end in a few minutes on 2 CPU cores: Fashion-MNIST at 32 px with 8-px patches.
+EMBEDDED_PRESET: dict[str, Any] = {
+    "patch_size": 8,
+    "out_dim": 4096,
+    "global_crops_size": 32,
+    "local_crops_size": 16,
+    "local_crops_number": 4,
+    "batch_size_per_gpu": 64,
+    "epochs": 3,
+    "warmup_epochs": 1,
+    "momentum_teacher": 0.99,
+    "lr": 0.002,
+    "saveckp_freq": 0,
+    "num_workers": 1,
+    "subset": 2048,
+    "vis_freq": 2,
+}
+
+
+def bool_flag(value: str) -> bool:
+    """DINO-style boolean flag values: ``--use_fp16 false``, ``--norm_last_layer 1``."""
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _preset_help(name: str, text: str) -> str:
+    return f"{text} (default: {DINO_DEFAULTS[name]}; Fashion-MNIST preset: {EMBEDDED_PRESET[name]})"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """DINO's flags (same names and meanings), plus crop sizes, depth, subset, logging."""
+    parser = argparse.ArgumentParser("DINO pretraining of ViT / LocAtViT", add_help=add_help)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--arch", default="locatvit_s", type=str, help=f"one of {', '.join(ARCH_NAMES)}"
+    )
+    model.add_argument(
+        "--patch_size", type=int, help=_preset_help("patch_size", "patch size in pixels")
+    )
+    model.add_argument(
+        "--depth", type=int, default=None, help="number of blocks (default: the arch's 12)"
+    )
+    model.add_argument(
+        "--out_dim", type=int, help=_preset_help("out_dim", "DINO head output size K")
+    )
+    model.add_argument(
+        "--norm_last_layer",
+        type=bool_flag,
+        default=True,
+        help="weight-normalise the head's last layer with fixed g (default: true)",
+    )
+    model.add_argument(
+        "--momentum_teacher",
+        type=float,
+        help=_preset_help("momentum_teacher", "base EMA momentum, cosine to 1"),
+    )
+    model.add_argument(
+        "--drop_path_rate", type=float, default=0.1, help="stochastic depth (default: 0.1)"
+    )
+
+    temp = parser.add_argument_group("teacher temperature")
+    temp.add_argument(
+        "--warmup_teacher_temp", type=float, default=0.04, help="start of the warm-up (0.04)"
+    )
+    temp.add_argument("--teacher_temp", type=float, default=0.04, help="after the warm-up (0.04)")
+    temp.add_argument(
+        "--warmup_teacher_temp_epochs", type=int, default=0, help="warm-up epochs (0)"
+    )
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument(
+        "--use_fp16",
+        type=bool_flag,
+        default=True,
+        help="fp16 autocast + grad scaler on CUDA (default: true; CPU runs fp32)",
+    )
+    optim.add_argument(
+        "--weight_decay", type=float, default=0.04, help="initial weight decay (0.04)"
+    )
+    optim.add_argument(
+        "--weight_decay_end", type=float, default=0.4, help="final weight decay (0.4)"
+    )
+    optim.add_argument(
+        "--clip_grad",
+        type=float,
+        default=3.0,
+        help="max L2 norm per parameter tensor, 0 disables (3.0)",
+    )
+    optim.add_argument(
+        "--batch_size_per_gpu",
+        type=int,
+        help=_preset_help("batch_size_per_gpu", "images per process and step"),
+    )
+    optim.add_argument("--epochs", type=int, help=_preset_help("epochs", "training epochs"))
+    optim.add_argument(
+        "--freeze_last_layer",
+        type=int,
+        default=1,
+        help="epochs during which the head's last layer is frozen (1)",
+    )
+    optim.add_argument(
+        "--lr",
+        type=float,
+        help=_preset_help("lr", "peak learning rate at a total batch of 256 (scaled linearly)"),
+    )
+    optim.add_argument(
+        "--warmup_epochs", type=int, help=_preset_help("warmup_epochs", "linear lr warm-up")
+    )
+    optim.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate (1e-6)")
+    optim.add_argument("--optimizer", default="adamw", choices=["adamw"], help="only AdamW")
+
+    crops = parser.add_argument_group("multi-crop")
+    crops.add_argument(
+        "--global_crops_scale",
+        type=float,
+        nargs=2,
+        default=(0.4, 1.0),
+        help="area range of the global crops (0.4 1.0)",
+    )
+    crops.add_argument(
+        "--local_crops_number",
+        type=int,
+        help=_preset_help("local_crops_number", "number of local crops"),
+    )
+    crops.add_argument(
+        "--local_crops_scale",
+        type=float,
+        nargs=2,
+        default=(0.05, 0.4),
+        help="area range of the local crops (0.05 0.4)",
+    )
+    crops.add_argument(
+        "--global_crops_size",
+        type=int,
+        help=_preset_help("global_crops_size", "global crop side in px"),
+    )
+    crops.add_argument(
+        "--local_crops_size",
+        type=int,
+        help=_preset_help("local_crops_size", "local crop side in px"),
+    )
+
+    misc = parser.add_argument_group("data, output, logging")
+    misc.add_argument(
+        "--data_path",
+        type=str,
+        default=None,
+        help="ImageFolder root (class sub-folders); default: embedded Fashion-MNIST",
+    )
+    misc.add_argument(
+        "--subset",
+        type=int,
+        help=_preset_help("subset", "train on N evenly spread images, 0 = all"),
+    )
+    misc.add_argument(
+        "--skip_corrupt", action="store_true", help="skip (and count) unreadable images"
+    )
+    misc.add_argument(
+        "--output_dir",
+        type=str,
+        default=None,
+        help="checkpoints and logs (default: output/dino_<arch>); auto-resumes from it",
+    )
+    misc.add_argument(
+        "--saveckp_freq",
+        type=int,
+        help=_preset_help("saveckp_freq", "also keep checkpointNNNN.pth every N epochs, 0 = never"),
+    )
+    misc.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    misc.add_argument(
+        "--num_workers",
+        type=int,
+        help=_preset_help("num_workers", "data loader workers per process"),
+    )
+    misc.add_argument(
+        "--print_freq", type=int, default=10, help="console and TensorBoard every N steps (10)"
+    )
+    misc.add_argument(
+        "--vis_freq",
+        type=int,
+        help=_preset_help("vis_freq", "locality figures in TensorBoard every N epochs, 0 = never"),
+    )
+    return parser
+
+
+def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Fill unset flags (DINO defaults with --data_path, the preset without) and check them.
+
+    Returns the completed copy and the values taken from the preset (for the start-up log).
+    """
+    args = argparse.Namespace(**vars(args))
+    defaults = DINO_DEFAULTS if args.data_path else EMBEDDED_PRESET
+    chosen = {}
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+            chosen[name] = value
+    try:
+        args.arch = canonical_arch(args.arch)
+    except ValueError as err:
+        raise ValueError(f"--arch: {err}") from err
+    if args.output_dir is None:
+        args.output_dir = f"output/dino_{args.arch}"
+    args.global_crops_scale = list(args.global_crops_scale)
+    args.local_crops_scale = list(args.local_crops_scale)
+    check_args(args)
+    return args, (chosen if not args.data_path else {})
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject inconsistent flags up front, naming the flag."""
+    for name in ("global_crops_size", "local_crops_size"):
+        size = getattr(args, name)
+        if size <= 0 or size % args.patch_size:
+            raise ValueError(
+                f"--{name} {size} must be a positive multiple of --patch_size {args.patch_size}"
+            )
+    if args.global_crops_size // args.patch_size < 2:
+        raise ValueError("--global_crops_size must span at least 2 patches")
+    positive = ("out_dim", "batch_size_per_gpu", "epochs", "print_freq")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in (
+        "local_crops_number",
+        "warmup_epochs",
+        "freeze_last_layer",
+        "num_workers",
+        "saveckp_freq",
+        "subset",
+        "vis_freq",
+        "warmup_teacher_temp_epochs",
+        "seed",
+    ):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.warmup_epochs > args.epochs:
+        raise ValueError(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        low, high = getattr(args, name)
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"--{name} must satisfy 0 < low <= high <= 1, got {low} {high}")

@@ -1,0 +1,17 @@
+"""Weighted k-NN evaluation of a frozen backbone (DINO protocol); see dino_locat.evaluation.knn."""
+
+from dino_locat.evaluation.knn import get_args_parser as knn_args_parser
+from dino_locat.evaluation.knn import run_knn
+from dino_locat.evaluation.options import run_cli
+
+
+def get_args_parser():
+    return knn_args_parser()
+
+
+def main(args):
+    return run_cli(run_knn, args)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

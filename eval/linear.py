@@ -1,0 +1,17 @@
+"""Linear probe of a frozen backbone (grid of heads); see dino_locat.evaluation.linear."""
+
+from dino_locat.evaluation.linear import get_args_parser as linear_args_parser
+from dino_locat.evaluation.linear import run_linear
+from dino_locat.evaluation.options import run_cli
+
+
+def get_args_parser():
+    return linear_args_parser()
+
+
+def main(args):
+    return run_cli(run_linear, args)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,121 @@
+"""load_pretrained_backbone: every accepted checkpoint layout, and clear errors for bad flags."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import timm
+import torch
+
+from dino_locat.checkpoint import (
+    CheckpointError,
+    load_pretrained_backbone,
+    plain_args,
+    save_checkpoint,
+)
+from dino_locat.models import build_backbone
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(0)
+    model = build_backbone("locatvit_t", img_size=32, patch_size=8, depth=2).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        return model, images, model(images)
+
+
+def assert_same_outputs(model, reference):
+    _, images, expected = reference
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected)
+
+
+def training_state(model, prefix="backbone."):
+    state = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+    state[f"{prefix.replace('backbone.', '')}head.last_layer.weight_g"] = torch.ones(1, 8)
+    return state
+
+
+def test_our_checkpoint_takes_arch_patch_depth_and_size_from_it(tmp_path, reference):
+    model = reference[0]
+    student = build_backbone("locatvit_t", img_size=32, patch_size=8, depth=2)
+    args = {"arch": "locatvit_tiny", "patch_size": 8, "global_crops_size": 32, "depth": 2}
+    save_checkpoint(
+        {"teacher": training_state(model), "student": training_state(student), "epoch": 3,
+         "args": plain_args(args)},
+        tmp_path / "run" / "checkpoint.pth",
+    )  # fmt: skip
+    loaded, info = load_pretrained_backbone(tmp_path / "run")  # the output_dir works too
+    assert_same_outputs(loaded, reference)
+    assert (info["arch"], info["patch_size"], info["depth"]) == ("locatvit_t", 8, 2)
+    assert (info["image_size"], info["epoch"], info["checkpoint_key"]) == (32, 3, "teacher")
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    student_model, _ = load_pretrained_backbone(
+        tmp_path / "run" / "checkpoint.pth", checkpoint_key="student", image_size=48
+    )
+    torch.testing.assert_close(student_model.pos_embed, student.pos_embed)
+    _, info = load_pretrained_backbone(tmp_path / "run", arch="locatvit_t", image_size=48)
+    assert info["image_size"] == 48
+
+
+def test_bare_state_dict_and_official_dino_layout(tmp_path, reference):
+    model = reference[0]
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    loaded, info = load_pretrained_backbone(tmp_path / "bare.pth")
+    assert_same_outputs(loaded, reference)
+    assert info["image_size"] == 32 and info["epoch"] is None
+    # Official DINO: args is an argparse.Namespace, DDP's "module." before "backbone.".
+    official = {
+        "teacher": training_state(model, prefix="module.backbone."),
+        "args": argparse.Namespace(arch="locatvit_t", patch_size=8),
+        "epoch": 100,
+    }
+    torch.save(official, tmp_path / "official.pth")
+    loaded, info = load_pretrained_backbone(tmp_path / "official.pth", arch="locatvit_t")
+    assert_same_outputs(loaded, reference)
+
+
+def test_timm_state_dict_with_classifier(tmp_path, reference):
+    model = reference[0]
+    timm_model = timm.create_model("locatvit_t", img_size=32, patch_size=8, depth=2, num_classes=5)
+    state = timm_model.state_dict()
+    state.update(model.state_dict())  # same backbone, plus timm's classifier "head."
+    assert any(k.startswith("head.") for k in state)
+    torch.save({"state_dict": state}, tmp_path / "timm.pth")
+    loaded, _ = load_pretrained_backbone(tmp_path / "timm.pth")
+    assert_same_outputs(loaded, reference)
+
+
+def test_wrong_flags_are_clear_errors(tmp_path, reference):
+    model = reference[0]
+    save_checkpoint(
+        {"teacher": training_state(model), "args": {"arch": "locatvit_t", "patch_size": 8}},
+        tmp_path / "ours.pth",
+    )
+    with pytest.raises(CheckpointError, match="--arch vit_s contradicts .*locatvit_t"):
+        load_pretrained_backbone(tmp_path / "ours.pth", arch="vit_s")
+    with pytest.raises(CheckpointError, match="--patch_size 16 contradicts"):
+        load_pretrained_backbone(tmp_path / "ours.pth", patch_size=16)
+    with pytest.raises(CheckpointError, match="--arch: unknown arch"):
+        load_pretrained_backbone(tmp_path / "ours.pth", arch="resnet50")
+    with pytest.raises(CheckpointError, match="--image_size 30 is not a multiple"):
+        load_pretrained_backbone(tmp_path / "ours.pth", image_size=30)
+    with pytest.raises(CheckpointError, match="'student' is not in this checkpoint"):
+        load_pretrained_backbone(tmp_path / "ours.pth", checkpoint_key="student")
+    # A bare state_dict has no args: the weights themselves expose a wrong --arch.
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(CheckpointError, match="--arch vit_t does not fit the weights"):
+        load_pretrained_backbone(tmp_path / "bare.pth", arch="vit_t")
+    with pytest.raises(CheckpointError, match="--arch locatvit_s does not fit"):
+        load_pretrained_backbone(tmp_path / "bare.pth", arch="locatvit_s")
+    # Args that contradict the weights they came with.
+    save_checkpoint(
+        {"teacher": training_state(model), "args": {"arch": "vit_t", "patch_size": 8}},
+        tmp_path / "inconsistent.pth",
+    )
+    with pytest.raises(CheckpointError, match="args say arch=vit_t but its weights are"):
+        load_pretrained_backbone(tmp_path / "inconsistent.pth")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_pretrained_backbone(tmp_path / "missing.pth")

@@ -1,0 +1,95 @@
+"""SIGKILL in the middle of epoch 2, restart, and end with the weights of an uninterrupted
+run (real subprocesses, real Fashion-MNIST images, drop path on, loader workers on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import tiny_training_argv
+
+EPOCHS = 3
+STEPS = 12  # 48 images / batch 4
+
+
+def command(out: Path, workers: int) -> list[str]:
+    argv = tiny_training_argv(
+        out, subset=48, epochs=EPOCHS, warmup_epochs=1, num_workers=workers, seed=3
+    )
+    return [sys.executable, "-u", "-m", "dino_locat.training", *argv]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_to_end(out: Path, workers: int) -> str:
+    proc = subprocess.run(
+        command(out, workers), capture_output=True, text=True, env=environment(), timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def kill_during_epoch_two(out: Path, workers: int) -> list[str]:
+    """Start the run and SIGKILL it once it has logged step 2 of epoch 2."""
+    proc = subprocess.Popen(
+        command(out, workers),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environment(),
+    )
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(f"Epoch [2/{EPOCHS}] [ 2/{STEPS}]"):
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    return seen
+
+
+def test_killed_mid_epoch_two_and_restarted_equals_an_uninterrupted_run(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_to_end(straight, workers=0)
+
+    seen = kill_during_epoch_two(resumed, workers=2)
+    assert any(line.startswith("Epoch [1/3] done") for line in seen)
+    ckpt = torch.load(resumed / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1, "the kill must land inside epoch 2 (after epoch 1's checkpoint)"
+
+    stdout = run_to_end(resumed, workers=2)
+    assert "resuming at epoch 1" in stdout
+
+    a = torch.load(straight / "checkpoint.pth", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == EPOCHS
+    for key in ("student", "teacher", "dino_loss"):
+        for name, value in a[key].items():
+            assert torch.allclose(value, b[key][name], rtol=0, atol=1e-6), f"{key}.{name}"
+    for index, state in a["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(
+                state[name], b["optimizer"]["state"][index][name], rtol=0, atol=1e-6
+            )
+    # The weights did move after the kill point (the comparison is not between no-ops).
+    moved = (
+        a["student"]["backbone.blocks.0.attn.qkv.weight"]
+        - ckpt["student"]["backbone.blocks.0.attn.qkv.weight"]
+    )
+    assert moved.abs().max() > 1e-4
+    log_a = [json.loads(line) for line in (straight / "log.txt").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (resumed / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in log_a] == [r["epoch"] for r in log_b] == list(range(EPOCHS))
+    assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
