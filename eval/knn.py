@@ -1,16 +1,18 @@
 """Weighted k-NN evaluation of a frozen backbone (DINO protocol); see dino_locat.evaluation.knn."""
 
+import argparse
+
 from dino_locat.evaluation.knn import get_args_parser as knn_args_parser
 from dino_locat.evaluation.knn import run_knn
 from dino_locat.evaluation.options import run_cli
 
 
-def get_args_parser():
+def get_args_parser() -> argparse.ArgumentParser:
     return knn_args_parser()
 
 
-def main(args):
-    return run_cli(run_knn, args)
+def main(args: argparse.Namespace) -> None:
+    run_cli(run_knn, args)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,16 @@
 The evaluator's flags are those of eval/knn.py, eval/linear.py, eval/segmentation.py.
 """
 
+import argparse
+
 from dino_locat.launching.submission import evaluation_launch_parser, exit_with, launch_evaluation
 
 
-def get_args_parser():
+def get_args_parser() -> argparse.ArgumentParser:
     return evaluation_launch_parser()
 
 
-def main(args):
+def main(args: argparse.Namespace) -> None:
     exit_with(launch_evaluation, args.evaluator, args)
 
 
