@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision.transforms.functional as TF
@@ -138,6 +139,17 @@ class MultiCropAugmentation:
     The blur sigma range is DINO's 0.1-2.0 px at 224 px, scaled with the global crop size
     so that small images (Fashion-MNIST at 32 px) are not blurred away.
     """
+
+    @classmethod
+    def from_args(cls, args: Any) -> MultiCropAugmentation:
+        """The augmentation described by DINO's crop flags (--global_crops_scale, ...)."""
+        return cls(
+            args.global_crops_scale,
+            args.local_crops_scale,
+            args.local_crops_number,
+            args.global_crops_size,
+            args.local_crops_size,
+        )
 
     def __init__(
         self,

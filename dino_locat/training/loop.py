@@ -91,13 +91,7 @@ class DinoTrainer:
             args.data_path, args.subset or None, args.skip_corrupt
         )
         self.images = images
-        augment = MultiCropAugmentation(
-            args.global_crops_scale,
-            args.local_crops_scale,
-            args.local_crops_number,
-            args.global_crops_size,
-            args.local_crops_size,
-        )
+        augment = MultiCropAugmentation.from_args(args)
         dataset = MultiCropDataset(images, augment, args.seed)
         self.sampler = EpochSampler(dataset, env.world_size, env.rank, args.seed)
         self.loader = DataLoader(

@@ -47,13 +47,7 @@ def preset_args(arch: str, output_dir: str) -> argparse.Namespace:
 def bench_pipeline(args: argparse.Namespace, workers: int, batches: int) -> tuple[float, float]:
     """(seconds to the first batch, images/s over the next ``batches`` batches)."""
     images, _ = build_pretraining_dataset(None, args.subset)
-    augment = MultiCropAugmentation(
-        args.global_crops_scale,
-        args.local_crops_scale,
-        args.local_crops_number,
-        args.global_crops_size,
-        args.local_crops_size,
-    )
+    augment = MultiCropAugmentation.from_args(args)
     dataset = MultiCropDataset(images, augment, seed=0)
     sampler = EpochSampler(dataset, 1, 0, seed=0)
     loader = DataLoader(
