@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from dino_locat.checkpoint import CheckpointError
+from dino_locat.evaluation.options import add_backbone_args
 from dino_locat.visualization.commands import plot_gaug_trends
 
 
@@ -22,17 +23,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: TensorBoard scalars when logged, else the checkpoints",
     )
-    parser.add_argument("--checkpoint_key", default="teacher", help="teacher or student")
-    parser.add_argument("--arch", default=None, help="default: read from the checkpoint")
-    parser.add_argument("--patch_size", type=int, default=None, help="default: from the checkpoint")
+    add_backbone_args(parser, weights=False)
     parser.add_argument(
         "--images", nargs="+", default=None, help="image files (else the test split)"
     )
     parser.add_argument("--num_images", type=int, default=16, help="test-split images to use")
     parser.add_argument("--data_path", default=None, help="folder with the Fashion-MNIST idx files")
-    parser.add_argument(
-        "--image_size", type=int, default=None, help="default: the training crop size"
-    )
     parser.add_argument("--device", default="cpu")
     return parser
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from dino_locat.checkpoint import CheckpointError
+from dino_locat.evaluation.options import add_backbone_args
 from dino_locat.visualization.commands import visualize_checkpoint
 
 
@@ -23,19 +24,13 @@ def query_patch(text: str) -> tuple[int, int]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Visualise attention and GAug of a backbone")
-    parser.add_argument("--pretrained_weights", required=True, help="checkpoint to visualise")
-    parser.add_argument("--checkpoint_key", default="teacher", help="teacher or student")
-    parser.add_argument("--arch", default=None, help="default: read from the checkpoint")
-    parser.add_argument("--patch_size", type=int, default=None, help="default: from the checkpoint")
+    add_backbone_args(parser)
     parser.add_argument("--output_dir", default="visualizations", help="where PNGs go")
     parser.add_argument(
         "--images", nargs="+", default=None, help="image files (else the test split)"
     )
     parser.add_argument("--num_images", type=int, default=4, help="test-split images to use")
     parser.add_argument("--data_path", default=None, help="folder with the Fashion-MNIST idx files")
-    parser.add_argument(
-        "--image_size", type=int, default=None, help="default: the training crop size"
-    )
     parser.add_argument(
         "--threshold",
         type=float,

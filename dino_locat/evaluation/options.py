@@ -33,15 +33,20 @@ USER_ERRORS = (
 )
 
 
-def add_backbone_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_backbone_args(
+    parser: argparse.ArgumentParser, required: bool = True, weights: bool = True
+) -> None:
+    """Which backbone to load and at what size (``weights=False``: the checkpoint is implied,
+    e.g. by a run folder, and only the checks and the image size are asked)."""
     group = parser.add_argument_group("backbone")
-    group.add_argument(
-        "--pretrained_weights",
-        default=None,
-        required=required,
-        help="checkpoint to evaluate: our checkpoint.pth (or its output_dir), an official "
-        "DINO checkpoint, or a bare / timm backbone state_dict",
-    )
+    if weights:
+        group.add_argument(
+            "--pretrained_weights",
+            default=None,
+            required=required,
+            help="checkpoint to evaluate: our checkpoint.pth (or its output_dir), an official "
+            "DINO checkpoint, or a bare / timm backbone state_dict",
+        )
     group.add_argument(
         "--checkpoint_key",
         default="teacher",
