@@ -25,7 +25,7 @@ from conftest import tiny_training_argv
 from dino_locat.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 3
+EPOCHS = 6
 KNN_FLAGS = "--train_subset 300 --test_subset 100 --nb_knn 5 10 --num_workers 0"
 JOB_LIMIT_S = 300
 
@@ -45,7 +45,8 @@ def slurm() -> None:
 
 def tiny_argv(out: Path, **flags: object) -> list[str]:
     """The same seconds-per-epoch DINO run everywhere in this file (so weights compare)."""
-    settings = {"epochs": EPOCHS, "subset": 48, "batch_size_per_gpu": 16, **flags}
+    # ~1 s an epoch: a preemption asked for after epoch 1 lands seconds before the end
+    settings = {"epochs": EPOCHS, "subset": 160, "batch_size_per_gpu": 16, **flags}
     return [str(arg) for arg in tiny_training_argv(out, **settings)]
 
 
