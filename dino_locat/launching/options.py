@@ -8,7 +8,9 @@ where and how the job runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
+import subprocess
 
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
@@ -17,8 +19,8 @@ def add_submission_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     """Add the submitit/SLURM flags to ``parser`` in a group of their own."""
     group = parser.add_argument_group(
         "submission",
-        "where and how the job runs (submitit). auto = SLURM when `srun` is on PATH, else a "
-        "local subprocess whose log streams to this console.",
+        "where and how the job runs (submitit). auto = SLURM when `srun` is on PATH and a "
+        "SLURM controller answers, else a local subprocess whose log streams to this console.",
     )
     group.add_argument(
         "--cluster",
@@ -78,15 +80,38 @@ def add_submission_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     return group
 
 
+@functools.lru_cache(maxsize=1)
+def slurm_available() -> bool:
+    """True when ``srun`` is on PATH and ``scontrol ping`` finds a controller UP.
+
+    SLURM's client tools can be installed with no cluster behind them (a laptop, a CI
+    machine between runs); sbatch would then fail, so ``auto`` must not pick SLURM.
+    Asked once per process.
+    """
+    if shutil.which("srun") is None:
+        return False
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        ping = None
+    if ping is not None and ping.returncode == 0 and "UP" in ping.stdout:
+        return True
+    print(
+        "[launch] srun is on PATH but no SLURM controller answers `scontrol ping`: "
+        "running locally (--cluster slurm to insist)"
+    )
+    return False
+
+
 def resolve_cluster(name: str) -> str:
-    """``auto`` -> ``slurm`` when ``srun`` is on PATH, else ``local``; others unchanged.
+    """``auto`` -> ``slurm`` when a SLURM cluster answers, else ``local``; others unchanged.
 
     Decided here rather than by submitit's AutoExecutor so the choice is ours and visible.
     """
     if name not in CLUSTERS:
         raise ValueError(f"--cluster {name!r}: expected one of {', '.join(CLUSTERS)}")
     if name == "auto":
-        return "slurm" if shutil.which("srun") else "local"
+        return "slurm" if slurm_available() else "local"
     return name
 
 
