@@ -76,6 +76,7 @@ def tiny_training_argv(output_dir: Path, data_path: Path | None = None, **flags)
         "vis_freq": 0,
         "subset": 0,
         "saveckp_freq": 0,
+        "knn_freq": 0,
         "output_dir": output_dir,
         **flags,
     }

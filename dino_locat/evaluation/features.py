@@ -49,6 +49,11 @@ def linear_features(stacked: Tensor, n_last_blocks: int, avgpool: bool) -> Tenso
     return torch.cat([cls, stacked[:, -1]], dim=1) if avgpool else cls
 
 
+def flattened_pixels(model: nn.Module, images: Tensor) -> Tensor:
+    """The raw-pixel baseline: each (transformed) image flattened and L2-normalised."""
+    return F.normalize(model(images).flatten(1), dim=-1)
+
+
 def patch_feature_map(model: nn.Module, images: Tensor) -> Tensor:
     """Last block's patch tokens before the final norm (and PRR) as a (B, D, h, w) map."""
     tokens, (h, w) = model.get_patch_tokens(images)
@@ -62,16 +67,18 @@ def extract_features(
     embed: Embed = normalized_cls,
     device: torch.device | str = "cpu",
     header: str = "features",
+    verbose: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Run ``embed`` over every (image, target) batch of ``loader``.
 
     Returns (features (N, ...) float32, targets (N, ...) int64), both on the CPU in loader
-    order; targets are class labels or, for segmentation, masks.
+    order; targets are class labels or, for segmentation, masks. ``verbose`` prints
+    progress with ETA and a summary line.
     """
     total = len(loader.dataset)
     features: Tensor | None = None
     targets: Tensor | None = None
-    progress = Progress(loader, len(loader), header=header)
+    progress = Progress(loader, len(loader), header=header, enabled=verbose)
     start = 0
     for images, batch_targets in progress:
         out = embed(model, images.to(device, non_blocking=True)).float().cpu()
@@ -86,7 +93,8 @@ def extract_features(
             progress.log(*progress.rate())
     if features is None or targets is None or start != total:
         raise RuntimeError(f"{header}: the loader gave {start} of {total} items")
-    print(progress.summary(), flush=True)
+    if verbose:
+        print(progress.summary(), flush=True)
     return features, targets
 
 

@@ -8,19 +8,27 @@ checkpoints, and load with ``weights_only=True``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class WeightNormLinear(nn.Module):
-    """Bias-free linear layer with weight normalisation (magnitude g, direction V)."""
+    """Bias-free linear layer with weight normalisation (magnitude g, direction V).
+
+    V starts as ``nn.Linear``'s default initialisation (Kaiming-uniform, a = sqrt(5)), g
+    as 1: DINO builds its last layer after the trunc-normal init of the MLP, so the
+    prototypes keep that default; with L2-normalised inputs it sets how spread the
+    initial logits are.
+    """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)

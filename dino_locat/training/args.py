@@ -8,6 +8,7 @@ CPU preset (without), so any flag the user actually passes always wins.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from dino_locat.models import ARCH_NAMES, canonical_arch
@@ -28,6 +29,9 @@ DINO_DEFAULTS: dict[str, Any] = {
     "num_workers": 10,
     "subset": 0,
     "vis_freq": 10,
+    "knn_freq": 10,
+    "knn_train_images": 10000,
+    "knn_test_images": 2000,
 }
 
 # Sized so that `python -m dino_locat.training --arch locatvit_s` (full ViT-S depth) runs
@@ -47,6 +51,9 @@ EMBEDDED_PRESET: dict[str, Any] = {
     "num_workers": 1,
     "subset": 2048,
     "vis_freq": 2,
+    "knn_freq": 1,
+    "knn_train_images": 2000,
+    "knn_test_images": 1000,
 }
 
 
@@ -217,6 +224,32 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         type=int,
         help=_preset_help("vis_freq", "locality figures in TensorBoard every N epochs, 0 = never"),
     )
+    knn = parser.add_argument_group("online k-NN (teacher and student, 20-NN top-1)")
+    knn.add_argument(
+        "--knn_freq",
+        type=int,
+        help=_preset_help(
+            "knn_freq",
+            "evaluate before the first step and every N epochs, 0 = never; with --data_path "
+            "only when --knn_data_path is given",
+        ),
+    )
+    knn.add_argument(
+        "--knn_data_path",
+        type=str,
+        default=None,
+        help="folder with train/ and val/ class folders for the online k-NN (with --data_path)",
+    )
+    knn.add_argument(
+        "--knn_train_images",
+        type=int,
+        help=_preset_help("knn_train_images", "k-NN bank size (train images, 0 = all)"),
+    )
+    knn.add_argument(
+        "--knn_test_images",
+        type=int,
+        help=_preset_help("knn_test_images", "k-NN queries (test images, 0 = all)"),
+    )
     return parser
 
 
@@ -268,9 +301,19 @@ def check_args(args: argparse.Namespace) -> None:
         "vis_freq",
         "warmup_teacher_temp_epochs",
         "seed",
+        "knn_freq",
+        "knn_train_images",
+        "knn_test_images",
     ):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.knn_data_path is not None:
+        for split in ("train", "val"):
+            if not (Path(args.knn_data_path) / split).is_dir():
+                raise ValueError(
+                    f"--knn_data_path {args.knn_data_path} has no {split}/ folder (expected "
+                    "train/<class>/*.jpg and val/<class>/*.jpg)"
+                )
     if args.warmup_epochs > args.epochs:
         raise ValueError(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
     for name in ("global_crops_scale", "local_crops_scale"):

@@ -38,6 +38,7 @@ from dino_locat.models import build_backbone
 from dino_locat.models.head import DINOHead, MultiCropWrapper
 from dino_locat.training.args import resolve_args
 from dino_locat.training.loss import DINOLoss
+from dino_locat.training.online_knn import build_knn_probe, knn_summary
 from dino_locat.training.optim import (
     clip_gradients_per_tensor,
     drop_last_layer_grads,
@@ -45,6 +46,12 @@ from dino_locat.training.optim import (
     update_teacher,
 )
 from dino_locat.training.schedules import cosine_schedule
+from dino_locat.training.signals import (
+    SIGNAL_COLUMNS,
+    AlarmMonitor,
+    LearningSignals,
+    alarm_start_step,
+)
 
 # Args that must match for a checkpoint to be resumed (they shape the weights).
 RESUME_KEYS = ("arch", "patch_size", "depth", "out_dim", "global_crops_size", "norm_last_layer")
@@ -144,6 +151,16 @@ class DinoTrainer:
         self.momentum_schedule = cosine_schedule(
             args.momentum_teacher, 1.0, args.epochs, self.niter
         )
+        self.alarms = AlarmMonitor(
+            alarm_start_step(
+                self.niter, args.epochs, args.warmup_epochs, args.warmup_teacher_temp_epochs
+            ),
+            {k: getattr(args, k) for k in ("teacher_temp", "lr", "momentum_teacher", "out_dim")},
+        )
+        self.knn_probe = build_knn_probe(args) if self.is_main else None
+        self.knn_history: list[dict[str, Any]] = []
+        self.knn_raw_pixels: float | None = None
+        self.train_seconds = 0.0
         self.start_epoch = self.resume()
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -167,6 +184,10 @@ class DinoTrainer:
             self.dino_loss.load_state_dict(ckpt["dino_loss"])
             if self.scaler is not None and "fp16_scaler" in ckpt:
                 self.scaler.load_state_dict(ckpt["fp16_scaler"])
+            online = ckpt.get("online_knn", {})
+            self.knn_history = list(online.get("history", []))
+            self.knn_raw_pixels = online.get("raw_pixels")
+            self.train_seconds = float(ckpt.get("train_seconds", 0.0))
             return int(ckpt["epoch"])
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"cannot resume from {self.checkpoint_path}: {err}") from err
@@ -179,6 +200,8 @@ class DinoTrainer:
             "epoch": next_epoch,
             "args": plain_args(self.args),
             "dino_loss": self.dino_loss.state_dict(),
+            "online_knn": {"history": self.knn_history, "raw_pixels": self.knn_raw_pixels},
+            "train_seconds": self.train_seconds,
         }
         if self.scaler is not None:
             state["fp16_scaler"] = self.scaler.state_dict()
@@ -202,8 +225,13 @@ class DinoTrainer:
         start = time.perf_counter()
         stats: dict[str, Any] | None = None
         try:
+            if self.start_epoch == 0 and not self.knn_history:
+                self.run_knn(0, writer)
             for epoch in range(self.start_epoch, args.epochs):
                 stats = self.train_one_epoch(epoch, writer)
+                self.train_seconds += stats["epoch_time_s"]
+                if self.knn_due(epoch + 1):
+                    stats.update(self.run_knn(epoch + 1, writer))
                 if self.is_main:
                     self.save(epoch + 1)
                     append_json_line(self.output_dir / "log.txt", stats)
@@ -212,14 +240,65 @@ class DinoTrainer:
             if writer is not None:
                 writer.close()
         self.say(f"Training finished in {format_duration(time.perf_counter() - start)}.")
+        if self.knn_history:
+            self.say(knn_summary(self.knn_history, self.knn_raw_pixels))
         return self.summary(stats)
+
+    # -- online k-NN ----------------------------------------------------------------------
+    def knn_due(self, epochs_done: int) -> bool:
+        freq = self.args.knn_freq
+        return self.knn_probe is not None and (
+            epochs_done % freq == 0 or epochs_done == self.args.epochs
+        )
+
+    def run_knn(self, epochs_done: int, writer: Any) -> dict[str, float]:
+        """Teacher and student 20-NN top-1 after ``epochs_done`` epochs (rank 0 only).
+
+        Recorded in the history that the checkpoint keeps, so the curve survives a resume.
+        """
+        if self.knn_probe is None:
+            return {}
+        start = time.perf_counter()
+        if self.knn_raw_pixels is None:
+            self.say(f"Online k-NN: {self.knn_probe.description}")
+            self.knn_raw_pixels = self.knn_probe.raw_pixels_top1()
+        teacher = self.knn_probe.top1(self.teacher.backbone, self.device)
+        student = (
+            teacher if epochs_done == 0 else self.knn_probe.top1(self.student.backbone, self.device)
+        )
+        record = {
+            "epoch": epochs_done,
+            "step": epochs_done * self.niter,
+            "train_time_s": self.train_seconds,
+            "teacher_top1": teacher,
+            "student_top1": student,
+            "knn_time_s": time.perf_counter() - start,
+        }
+        self.knn_history.append(record)
+        label = "untrained" if epochs_done == 0 else f"epoch {epochs_done}"
+        self.say(
+            f"k-NN 20-NN top-1 ({label}): teacher {teacher:.2f}%  student {student:.2f}%  "
+            f"(raw pixels {self.knn_raw_pixels:.2f}%; {record['knn_time_s']:.1f} s)"
+        )
+        if writer is not None:
+            step = max(epochs_done * self.niter - 1, 0)
+            writer.add_scalar("knn/teacher_top1", teacher, step)
+            writer.add_scalar("knn/student_top1", student, step)
+            writer.add_scalar("knn/untrained_top1", self.knn_history[0]["teacher_top1"], step)
+            writer.add_scalar("knn/raw_pixels_top1", self.knn_raw_pixels, step)
+        return {
+            "knn_teacher_top1": teacher,
+            "knn_student_top1": student,
+            "knn_time_s": record["knn_time_s"],
+        }
 
     def train_one_epoch(self, epoch: int, writer: Any) -> dict[str, Any]:
         args, device = self.args, self.device
         self.sampler.set_epoch(epoch)
         torch.manual_seed(derive_seed(STREAM_MODEL, args.seed, epoch, self.env.rank))
         self.student_step.train()
-        losses = torch.zeros(self.niter, device=device)
+        signals = torch.zeros(self.niter, len(SIGNAL_COLUMNS), device=device)
+        losses = signals[:, 0]
         progress = Progress(
             self.loader,
             self.niter,
@@ -230,12 +309,12 @@ class DinoTrainer:
         record = self.is_main and self.teacher.backbone.locality
         checked = 0
         for i, (crops, _) in enumerate(progress):
-            losses[i] = self.train_step(
+            signals[i] = self.train_step(
                 crops, epoch, epoch * self.niter + i, record and progress.due
             )
             if progress.due:
                 self.check_losses(losses[checked : i + 1], epoch, checked)
-                self.log_step(writer, progress, losses[checked : i + 1], epoch, checked, record)
+                self.log_step(writer, progress, signals[checked : i + 1], epoch, checked, record)
                 checked = i + 1
         total = all_reduce_sum(losses.sum().reshape(1))
         mean_loss = total.item() / (self.niter * self.env.world_size)
@@ -245,9 +324,11 @@ class DinoTrainer:
         last = (epoch + 1) * self.niter - 1
         if self.is_main:
             print(progress.summary(), flush=True)
+        epoch_signals = LearningSignals.from_rows(signals, self.args.out_dim).as_dict()
         return {
             "epoch": epoch,
             "train_loss": mean_loss,
+            **{f"train_{k}": v for k, v in epoch_signals.items() if k != "loss"},
             "train_lr": float(self.lr_schedule[last]),
             "train_wd": float(self.wd_schedule[last]),
             "train_momentum": float(self.momentum_schedule[last]),
@@ -257,7 +338,8 @@ class DinoTrainer:
         }
 
     def train_step(self, crops: list[Tensor], epoch: int, step: int, record: bool) -> Tensor:
-        """One DINO iteration at global ``step``; returns the detached loss (no host sync).
+        """One DINO iteration at global ``step``; returns its detached learning signals
+        (loss first, see :data:`SIGNAL_COLUMNS`) without a host sync.
 
         ``record`` keeps the teacher's GAug var/alpha of this step for logging.
         """
@@ -290,7 +372,7 @@ class DinoTrainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         update_teacher(self.student, self.teacher, float(self.momentum_schedule[step]))
-        return loss.detach()
+        return self.dino_loss.last_signals
 
     def check_losses(self, losses: Tensor, epoch: int, first: int) -> None:
         """Stop every rank as soon as any rank saw a NaN/inf loss (one small all-reduce)."""
@@ -311,14 +393,20 @@ class DinoTrainer:
         )
 
     def log_step(
-        self, writer: Any, progress: Progress, losses: Tensor, epoch: int, first: int, record: bool
+        self, writer: Any, progress: Progress, rows: Tensor, epoch: int, first: int, record: bool
     ) -> None:
-        """Console line and TensorBoard scalars for the steps since the last log (one sync)."""
+        """Console line, alarms and TensorBoard scalars for the steps since the last log
+        (one host read of the window's signal rows)."""
         if not self.is_main:
             return
         its, per_step = progress.rate()
         step = epoch * self.niter + progress.step
-        values = losses.tolist()
+        rows = rows.cpu()
+        values = rows[:, 0].tolist()
+        signals = LearningSignals.from_rows(rows, self.args.out_dim)
+        active, fresh = self.alarms.check(signals, step, epoch)
+        for alarm in fresh:
+            print(f"WARNING [{alarm.kind} alarm] {alarm.message}", flush=True)
         gaug = self.teacher.backbone.gaug_statistics() if record else []
         means = (
             torch.stack([s[k] for s in gaug for k in ("var_mean", "alpha_mean")]).tolist()
@@ -336,10 +424,29 @@ class DinoTrainer:
                 "alpha": sum(means[1::2]) / len(gaug),
             }
         progress.log(
-            its, per_step, loss=values[-1], lr=lr, wd=wd, **extra, **{"img/s": images_per_s}
+            its,
+            per_step,
+            loss=values[-1],
+            **{
+                "H(teacher)": f"{signals.teacher_entropy:.3f}/{signals.log_k:.3f}",
+                "protos": signals.prototypes_in_use,
+                "KL": signals.kl,
+            },
+            lr=lr,
+            wd=wd,
+            **extra,
+            **{"img/s": images_per_s},
         )
         for offset, value in enumerate(values):
             writer.add_scalar("train/loss", value, epoch * self.niter + first + offset)
+        for name, value in signals.as_dict().items():
+            if name != "loss":
+                writer.add_scalar(f"signals/{name}", value, step)
+        kinds = {alarm.kind for alarm in active}
+        for kind in ("uniform", "collapse"):
+            writer.add_scalar(f"alarm/{kind}", float(kind in kinds), step)
+        for alarm in fresh:
+            writer.add_text(f"alarm/{alarm.kind}", alarm.message, step)
         for tag, value in (
             ("train/lr", lr),
             ("train/weight_decay", wd),

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from dino_locat.distributed import all_reduce_sum, is_distributed
 from dino_locat.training.schedules import cosine_schedule
+from dino_locat.training.signals import teacher_entropies
 
 
 class DINOLoss(nn.Module):
@@ -17,6 +18,10 @@ class DINOLoss(nn.Module):
     ``center`` (a buffer, so it is in ``state_dict()``) is an EMA of the batch mean of
     the teacher outputs, averaged over all ranks: ``c <- m c + (1 - m) mean(t)``.
     The teacher temperature warms up linearly per epoch, then stays constant.
+
+    After each call ``last_signals`` holds (loss, mean per-image teacher entropy, entropy of
+    the batch-mean teacher distribution), detached and on the device: the learning
+    signals of :mod:`dino_locat.training.signals`, from the softmax this loss computes anyway.
     """
 
     def __init__(
@@ -62,7 +67,9 @@ class DINOLoss(nn.Module):
                 total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
                 terms += 1
         self.update_center(teacher_output)
-        return total / terms
+        loss = total / terms
+        self.last_signals = torch.stack([loss.detach(), *teacher_entropies(teacher_probs)])
+        return loss
 
     @torch.no_grad()
     def update_center(self, teacher_output: Tensor) -> None:

@@ -1,0 +1,180 @@
+"""Learning signals, collapse alarms and the online k-NN: constructed outputs and real runs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_training_argv
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dino_locat.data.folders import spread_indices
+from dino_locat.models.head import DINOHead
+from dino_locat.training import get_args_parser, main
+from dino_locat.training.loss import DINOLoss
+from dino_locat.training.online_knn import FASHION_MNIST_TRAIN, embedded_bank_indices
+from dino_locat.training.signals import (
+    AlarmMonitor,
+    LearningSignals,
+    diagnose,
+    teacher_entropies,
+)
+
+K, BATCH, NCROPS = 64, 32, 4
+
+
+def signals_of(student: torch.Tensor, teacher: torch.Tensor) -> LearningSignals:
+    loss_fn = DINOLoss(K, NCROPS, 0.04, 0.04, 0, 10)
+    loss_fn(student, teacher, epoch=0)
+    return LearningSignals.from_rows(loss_fn.last_signals.reshape(1, 3), K)
+
+
+def test_signals_match_their_definitions():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(NCROPS * BATCH, K), 0.1 * torch.randn(2 * BATCH, K)
+    signals = signals_of(student, teacher)
+    probs = F.softmax(teacher / 0.04, dim=-1)  # centre is 0 before the first update
+    entropy = -(probs * probs.log()).sum(-1).mean().item()
+    mean = probs.mean(0)
+    assert signals.teacher_entropy == pytest.approx(entropy, rel=1e-5)
+    assert signals.prototypes_in_use == pytest.approx(math.exp(-(mean * mean.log()).sum()), 1e-5)
+    # KL(teacher || student) over the cross-view pairs, written out.
+    kl, pairs = 0.0, 0
+    for a in range(2):
+        q = probs[a * BATCH : (a + 1) * BATCH]
+        for b in range(NCROPS):
+            if b != a:
+                logp = F.log_softmax(student[b * BATCH : (b + 1) * BATCH] / 0.1, dim=-1)
+                kl += (q * (q.log() - logp)).sum(-1).mean().item()
+                pairs += 1
+    assert signals.kl == pytest.approx(kl / pairs, rel=1e-4)
+    assert signals.loss_fraction == pytest.approx(signals.loss / math.log(K))
+
+
+def test_uniform_teacher_raises_the_uniform_alarm():
+    signals = signals_of(torch.zeros(NCROPS * BATCH, K), torch.zeros(2 * BATCH, K))
+    assert signals.teacher_entropy == pytest.approx(math.log(K), rel=1e-6)
+    assert abs(signals.kl) < 1e-5
+    alarms = diagnose(signals, {"teacher_temp": 0.04})
+    assert [a.kind for a in alarms] == ["uniform"]
+    assert "--teacher_temp (now 0.04)" in alarms[0].message and "--lr" in alarms[0].message
+
+
+def test_teacher_on_one_prototype_raises_the_collapse_alarm():
+    teacher = torch.zeros(2 * BATCH, K)
+    teacher[:, 3] = 5.0  # every image, both views: prototype 3
+    signals = signals_of(torch.randn(NCROPS * BATCH, K), teacher)
+    assert signals.prototypes_in_use < 1.01
+    alarms = diagnose(signals)
+    assert [a.kind for a in alarms] == ["collapse"]
+    assert "--momentum_teacher" in alarms[0].message and "--out_dim" in alarms[0].message
+
+
+def test_confident_diverse_teacher_raises_no_alarm():
+    torch.manual_seed(1)
+    teacher = torch.zeros(2 * BATCH, K)
+    teacher[torch.arange(2 * BATCH), torch.randint(0, K, (2 * BATCH,))] = 1.0
+    signals = signals_of(torch.randn(NCROPS * BATCH, K), teacher)
+    assert signals.teacher_entropy < 0.5 * math.log(K) and signals.prototypes_in_use > 10
+    assert diagnose(signals) == []
+
+
+def test_monitor_waits_for_warmup_and_repeats_once_per_epoch():
+    uniform = LearningSignals(math.log(K), math.log(K), math.log(K), K)
+    monitor = AlarmMonitor(start_step=10, flags={})
+    assert monitor.check(uniform, step=9, epoch=0) == ([], [])
+    active, fresh = monitor.check(uniform, step=10, epoch=0)
+    assert [a.kind for a in active] == [a.kind for a in fresh] == ["uniform"]
+    assert monitor.check(uniform, step=11, epoch=0)[1] == []
+    assert [a.kind for a in monitor.check(uniform, step=20, epoch=1)[1]] == ["uniform"]
+
+
+def test_entropies_stay_on_the_device_tensor_path():
+    probs = F.softmax(torch.randn(8, K), dim=-1)
+    per_image, batch = teacher_entropies(probs)
+    assert per_image.shape == batch.shape == ()
+    assert 0 < per_image.item() <= batch.item() <= math.log(K) + 1e-6
+
+
+def test_head_last_layer_keeps_nn_linear_default_init():
+    torch.manual_seed(0)
+    head = DINOHead(32, 4096, hidden_dim=64, bottleneck_dim=256)
+    weight = head.last_layer.weight_v
+    bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), +)
+    assert weight.abs().max() <= bound
+    assert weight.abs().max() > 0.99 * bound  # uniform, not a std-0.02 normal
+    assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert torch.all(head.last_layer.weight_g == 1)
+    for layer in (m for m in head.mlp if isinstance(m, torch.nn.Linear)):
+        assert layer.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        assert torch.all(layer.bias == 0)
+
+
+def test_bank_is_held_out_from_the_pretraining_subset():
+    used = set(spread_indices(FASHION_MNIST_TRAIN, 2048))
+    bank, overlaps = embedded_bank_indices(2048, 500)
+    assert len(bank) == len(set(bank)) == 500 and not overlaps
+    assert not used & set(bank)
+    everything, overlaps = embedded_bank_indices(0, 500)
+    assert len(everything) == 500 and overlaps
+
+
+def run(tmp_path, **flags) -> tuple[str, list[dict]]:
+    out = tmp_path / "run"
+    argv = tiny_training_argv(out, **flags)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        main(get_args_parser().parse_args(argv))
+    lines = (out / "log.txt").read_text().splitlines()
+    return buffer.getvalue(), [json.loads(line) for line in lines]
+
+
+def test_online_knn_curve_in_console_log_tensorboard_and_checkpoint(tmp_path):
+    stdout, records = run(
+        tmp_path, subset=64, epochs=2, knn_freq=1, knn_train_images=100, knn_test_images=50
+    )
+    assert "k-NN 20-NN top-1 (untrained): teacher" in stdout
+    last = stdout.strip().splitlines()
+    summary = [line for line in last if line.startswith("k-NN 20-NN top-1: untrained")]
+    assert len(summary) == 1 and "-> teacher" in summary[0] and "(raw pixels" in summary[0]
+    assert all(0 <= r["knn_teacher_top1"] <= 100 for r in records)
+    assert {"train_teacher_entropy", "train_prototypes_in_use", "train_kl_teacher_student"} <= set(
+        records[0]
+    )
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    history = ckpt["online_knn"]["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[0]["teacher_top1"] == history[0]["student_top1"]
+    assert history[-1]["teacher_top1"] == records[-1]["knn_teacher_top1"]
+    assert 0 < ckpt["online_knn"]["raw_pixels"] <= 100
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"knn/teacher_top1", "knn/student_top1", "knn/raw_pixels_top1"} <= scalars
+    assert {"signals/teacher_entropy", "signals/prototypes_in_use"} <= scalars
+    assert {"signals/kl_teacher_student", "signals/loss_over_lnK", "alarm/uniform"} <= scalars
+    assert len(events.Scalars("knn/teacher_top1")) == 3
+
+
+def test_a_run_with_an_extreme_teacher_temperature_prints_the_uniform_alarm(tmp_path):
+    stdout, _ = run(
+        tmp_path, subset=64, epochs=3, teacher_temp=100.0, warmup_teacher_temp=100.0, lr=0.5
+    )
+    assert "WARNING [uniform alarm] the teacher stays near uniform" in stdout
+    assert "[collapse alarm]" not in stdout
+
+
+def test_a_run_with_a_near_zero_teacher_temperature_prints_the_collapse_alarm(tmp_path):
+    stdout, _ = run(
+        tmp_path,
+        subset=64,
+        epochs=3,
+        teacher_temp=1e-4,
+        warmup_teacher_temp=1e-4,
+        momentum_teacher=0.0,
+    )
+    assert "WARNING [collapse alarm] the teacher has collapsed onto" in stdout
