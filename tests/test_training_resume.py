@@ -19,7 +19,15 @@ STEPS = 12  # 48 images / batch 4
 
 def command(out: Path, workers: int) -> list[str]:
     argv = tiny_training_argv(
-        out, subset=48, epochs=EPOCHS, warmup_epochs=1, num_workers=workers, seed=3
+        out,
+        subset=48,
+        epochs=EPOCHS,
+        warmup_epochs=1,
+        num_workers=workers,
+        seed=3,
+        knn_freq=1,
+        knn_train_images=64,
+        knn_test_images=32,
     )
     return [sys.executable, "-u", "-m", "dino_locat.training", *argv]
 
@@ -93,3 +101,9 @@ def test_killed_mid_epoch_two_and_restarted_equals_an_uninterrupted_run(tmp_path
     log_b = [json.loads(line) for line in (resumed / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log_a] == [r["epoch"] for r in log_b] == list(range(EPOCHS))
     assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
+    # The online k-NN ran (untrained + every epoch) and its curve survived the kill.
+    curve_a, curve_b = (
+        [(h["epoch"], h["teacher_top1"], h["student_top1"]) for h in c["online_knn"]["history"]]
+        for c in (a, b)
+    )
+    assert curve_a == curve_b and [e for e, _, _ in curve_a] == list(range(EPOCHS + 1))

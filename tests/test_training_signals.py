@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_training_argv
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dino_locat.data.folders import spread_indices
@@ -24,6 +25,7 @@ from dino_locat.training.signals import (
     diagnose,
     teacher_entropies,
 )
+from dino_locat.visualization.knn_curves import write_curves
 
 K, BATCH, NCROPS = 64, 32, 4
 
@@ -158,6 +160,16 @@ def test_online_knn_curve_in_console_log_tensorboard_and_checkpoint(tmp_path):
     assert {"signals/teacher_entropy", "signals/prototypes_in_use"} <= scalars
     assert {"signals/kl_teacher_student", "signals/loss_over_lnK", "alarm/uniform"} <= scalars
     assert len(events.Scalars("knn/teacher_top1")) == 3
+
+    # The sweep tool reads the same history back: table, JSON and figure.
+    paths = write_curves([tmp_path / "run"], tmp_path / "curves", title="tiny")
+    row = json.loads(paths["json"].read_text())["runs"][0]
+    assert row["teacher"] == history[-1]["teacher_top1"] and row["steps"] == 32
+    assert row["untrained"] == history[0]["teacher_top1"]
+    assert "| run |" in paths["table"].read_text()
+    with Image.open(paths["figure"]) as image:
+        assert image.size == (1200, 520)
+        assert len(set(image.convert("L").getdata())) > 10  # drawn, not blank
 
 
 def test_a_run_with_an_extreme_teacher_temperature_prints_the_uniform_alarm(tmp_path):

@@ -99,6 +99,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help=_preset_help("momentum_teacher", "base EMA momentum, cosine to 1"),
     )
     model.add_argument(
+        "--momentum_teacher_end",
+        type=float,
+        default=1.0,
+        help="final EMA momentum of the cosine schedule (1.0, DINO's)",
+    )
+    model.add_argument(
         "--drop_path_rate", type=float, default=0.1, help="stochastic depth (default: 0.1)"
     )
 
@@ -307,6 +313,9 @@ def check_args(args: argparse.Namespace) -> None:
     ):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("momentum_teacher", "momentum_teacher_end"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if args.knn_data_path is not None:
         for split in ("train", "val"):
             if not (Path(args.knn_data_path) / split).is_dir():

@@ -149,7 +149,7 @@ class DinoTrainer:
             args.weight_decay, args.weight_decay_end, args.epochs, self.niter
         )
         self.momentum_schedule = cosine_schedule(
-            args.momentum_teacher, 1.0, args.epochs, self.niter
+            args.momentum_teacher, args.momentum_teacher_end, args.epochs, self.niter
         )
         self.alarms = AlarmMonitor(
             alarm_start_step(

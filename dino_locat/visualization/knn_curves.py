@@ -1,0 +1,179 @@
+"""Online k-NN curves of several DINO runs side by side: did they learn, and how fast?
+
+Each run's ``checkpoint.pth`` keeps its online k-NN history (teacher and student 20-NN
+top-1 before the first step and every ``--knn_freq`` epochs, with the training seconds
+spent so far) and the raw-pixel baseline. This module turns a set of runs into a table
+(markdown + JSON) and a figure against training minutes, the yardstick of a preset sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dino_locat.checkpoint import checkpoint_args, load_checkpoint
+from dino_locat.visualization.figures import atomic_write, new_figure, save_png
+
+# Flags that describe a sweep configuration (shown in the table when they differ).
+SWEEP_FLAGS = (
+    "arch",
+    "depth",
+    "patch_size",
+    "global_crops_size",
+    "local_crops_size",
+    "local_crops_number",
+    "global_crops_scale",
+    "local_crops_scale",
+    "out_dim",
+    "batch_size_per_gpu",
+    "subset",
+    "epochs",
+    "lr",
+    "warmup_epochs",
+    "momentum_teacher",
+    "momentum_teacher_end",
+    "teacher_temp",
+    "warmup_teacher_temp",
+    "warmup_teacher_temp_epochs",
+    "freeze_last_layer",
+    "drop_path_rate",
+    "weight_decay",
+    "weight_decay_end",
+    "norm_last_layer",
+)
+
+
+@dataclass
+class RunCurve:
+    name: str
+    args: dict[str, Any]
+    history: list[dict[str, Any]]
+    raw_pixels: float | None
+
+    @property
+    def untrained(self) -> float:
+        return float(self.history[0]["teacher_top1"])
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1]
+
+    def summary(self) -> dict[str, Any]:
+        """One row: where the run started and ended, and its best teacher point."""
+        best = max(self.history, key=lambda h: h["teacher_top1"])
+        steps = self.final["step"]
+        return {
+            "run": self.name,
+            "epochs_done": self.final["epoch"],
+            "steps": steps,
+            "train_minutes": self.final["train_time_s"] / 60,
+            "untrained": self.untrained,
+            "teacher": self.final["teacher_top1"],
+            "student": self.final["student_top1"],
+            "teacher_gain": self.final["teacher_top1"] - self.untrained,
+            "student_gain": self.final["student_top1"] - self.untrained,
+            "best_teacher": best["teacher_top1"],
+            "best_teacher_epoch": best["epoch"],
+            "raw_pixels": self.raw_pixels,
+            "knn_seconds_per_eval": sum(h["knn_time_s"] for h in self.history) / len(self.history),
+        }
+
+
+def read_run(run_dir: str | os.PathLike, name: str | None = None) -> RunCurve:
+    """The k-NN history stored in ``run_dir/checkpoint.pth`` (weights_only load)."""
+    path = Path(run_dir) / "checkpoint.pth"
+    ckpt = load_checkpoint(path)
+    online = ckpt.get("online_knn") or {}
+    history = list(online.get("history") or [])
+    if not history:
+        raise ValueError(f"{path} holds no online k-NN history (trained with --knn_freq 0?)")
+    return RunCurve(
+        name or Path(run_dir).name, checkpoint_args(ckpt), history, online.get("raw_pixels")
+    )
+
+
+def differing_flags(runs: Sequence[RunCurve]) -> dict[str, dict[str, Any]]:
+    """Per run, the sweep flags whose value is not the same in every run."""
+    varying = [
+        flag for flag in SWEEP_FLAGS if len({json.dumps(run.args.get(flag)) for run in runs}) > 1
+    ]
+    return {run.name: {flag: run.args.get(flag) for flag in varying} for run in runs}
+
+
+def markdown_table(runs: Sequence[RunCurve]) -> str:
+    """A markdown table, one row per run, plus the flags shared by all runs."""
+    flags = differing_flags(runs)
+    header = (
+        "| run | flags (differing) | steps | train min | untrained | teacher | student | "
+        "teacher gain | best teacher (epoch) | raw pixels |"
+    )
+    lines = [header, "|" + "---|" * 10]
+    for run in runs:
+        row = run.summary()
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in flags[run.name].items())
+        raw = "-" if row["raw_pixels"] is None else f"{row['raw_pixels']:.1f}"
+        lines.append(
+            f"| {run.name} | {shown} | {row['steps']} | {row['train_minutes']:.1f} | "
+            f"{row['untrained']:.1f} | {row['teacher']:.1f} | {row['student']:.1f} | "
+            f"{row['teacher_gain']:+.1f} | {row['best_teacher']:.1f} ({row['best_teacher_epoch']})"
+            f" | {raw} |"
+        )
+    shared = {
+        flag: runs[0].args.get(flag)
+        for flag in SWEEP_FLAGS
+        if not any(flag in f for f in flags.values())
+    }
+    lines.append("")
+    lines.append("Shared by all runs: " + " ".join(f"{k}={_fmt(v)}" for k, v in shared.items()))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(_fmt(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def plot_knn_curves(runs: Sequence[RunCurve], path: str | os.PathLike, title: str = "") -> Path:
+    """Teacher (left) and student (right) 20-NN top-1 against training minutes; each
+    panel marks the raw-pixel baseline (dashed) and starts at the untrained network."""
+    fig = new_figure(1200, 520)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, label in zip(
+        axes, ("teacher_top1", "student_top1"), ("teacher", "student"), strict=True
+    ):
+        for run in runs:
+            minutes = [h["train_time_s"] / 60 for h in run.history]
+            ax.plot(minutes, [h[key] for h in run.history], marker="o", ms=3, label=run.name)
+        pixels = [run.raw_pixels for run in runs if run.raw_pixels is not None]
+        if pixels:
+            ax.axhline(pixels[0], color="black", ls="--", lw=1, label="raw pixels")
+        ax.set_title(f"{label}: 20-NN top-1 (%)", fontsize=10)
+        ax.set_xlabel("training minutes (k-NN time excluded)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.11, top=0.88 if title else 0.93)
+    return save_png(fig, path)
+
+
+def write_curves(
+    run_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLike, title: str = ""
+) -> dict[str, Path]:
+    """Table (``knn_curves.md``), data (``knn_curves.json``) and figure (``knn_curves.png``)."""
+    runs = [read_run(d) for d in run_dirs]
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(runs)
+    data = {"runs": [{**run.summary(), "flags": run.args, "history": run.history} for run in runs]}
+    paths = {"table": out / "knn_curves.md", "json": out / "knn_curves.json"}
+    for key, text in (("table", table + "\n"), ("json", json.dumps(data, indent=1) + "\n")):
+        atomic_write(paths[key], lambda handle, text=text: handle.write(text.encode()))
+    paths["figure"] = plot_knn_curves(runs, out / "knn_curves.png", title)
+    print(table, flush=True)
+    return paths

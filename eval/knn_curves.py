@@ -1,0 +1,30 @@
+"""Online k-NN curves of DINO runs side by side: a table, its JSON, and a figure.
+
+Example (the preset sweep in docs/sweep/):
+    python eval/knn_curves.py --runs output/sweep/* --output_dir docs/sweep
+"""
+
+import argparse
+import sys
+
+from dino_locat.checkpoint import CheckpointError
+from dino_locat.visualization.knn_curves import write_curves
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Compare the online k-NN curves of DINO runs")
+    parser.add_argument("--runs", nargs="+", required=True, help="training --output_dir folders")
+    parser.add_argument("--output_dir", required=True, help="where the table and figure go")
+    parser.add_argument("--title", default="", help="figure title")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    try:
+        write_curves(args.runs, args.output_dir, args.title)
+    except (CheckpointError, OSError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
