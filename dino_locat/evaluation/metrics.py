@@ -13,9 +13,13 @@ def topk_correct(scores: Tensor, targets: Tensor, ks: Sequence[int]) -> list[int
 
     None for a k that is not smaller than the number of classes would make trivially 100%
     (k > number of classes), so that top-5 is only reported with at least 5 classes.
+    Classes are ranked by a stable descending sort, as DINO's k-NN classifier ranks them:
+    equal scores (e.g. the zero score of every class no neighbour voted for) keep class
+    order, where ``topk`` would order them arbitrarily and move top-5 on a few queries.
     """
     num_classes = scores.shape[1]
-    best = scores.topk(min(max(ks), num_classes), dim=1).indices
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    best = order[:, : min(max(ks), num_classes)]
     hits = best == targets[:, None]
     return [None if k > num_classes else int(hits[:, :k].any(dim=1).sum()) for k in ks]
 
