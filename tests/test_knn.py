@@ -109,10 +109,10 @@ def test_topk_correct_counts_and_skips_impossible_k():
 
 def test_zero_score_ties_rank_in_class_order_as_dino():
     # Only class 9 got votes: the other classes tie at 0 and rank 0, 1, 2, 3 after it,
-    # so label 0 is in the top 5 and label 8 is not (topk would order the ties arbitrarily).
-    scores = torch.zeros(2, 10)
+    # so labels 0 and 1 are in the top 5 and 8 is not (topk orders the ties arbitrarily).
+    scores = torch.zeros(3, 10)
     scores[:, 9] = 1.0
-    assert topk_correct(scores, torch.tensor([0, 8]), (1, 5)) == [0, 1]
+    assert topk_correct(scores, torch.tensor([0, 1, 8]), (1, 5)) == [0, 2]
 
 
 def test_top5_with_few_neighbours_equals_dino_ranking():
