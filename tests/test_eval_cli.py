@@ -136,19 +136,26 @@ def test_knn_image_folder_with_three_classes_from_bare_state_dict(bare_vit, thre
     assert results["knn"]["10"]["top1"] > 60  # colour is easy even for random weights
 
 
-def test_linear_from_training_checkpoint_saves_the_best_head(trained, tmp_path):
+def test_linear_chooses_on_held_out_data_and_tests_once(trained, tmp_path):
     out = tmp_path / "linear"
-    run(
+    result = run(
         "eval/linear.py", "--pretrained_weights", str(trained), "--train_subset", "256",
         "--test_subset", "128", "--epochs", "2", "--lrs", "0.01", "0.3",
         "--n_last_blocks", "1", "2", "--output_dir", str(out), "--num_workers", "0",
     )  # fmt: skip
+    assert "headline: test top-1" in result.stdout and "DINO protocol: test top-1" in result.stdout
     results = json.loads((out / "results.json").read_text())
-    heads = results["heads"]
+    heads = results["heads_held_out"]
     assert len(heads) == 8  # 2 n_last_blocks x 2 avgpool x 2 lrs, trained together
-    assert results["best"]["top1"] == max(h["top1"] for h in heads)
-    assert {"linear/val_top1/best", "linear/train/loss_mean"} <= set(events(out).Tags()["scalars"])
-    # The saved head reproduces its reported validation accuracy on the same images.
+    assert "held out for selection" in results["data"] and "trained on" in results["data"]
+    headline, protocol = results["headline"], results["dino_protocol"]
+    assert headline["val_top1"] == max(h["val_top1"] for h in heads)
+    assert (protocol["n_last_blocks"], protocol["avgpool_patchtokens"]) == (1, False)  # LocAtViT
+    protocol_heads = [h for h in heads if h["name"].startswith("n1_pool0_")]
+    assert protocol["val_top1"] == max(h["val_top1"] for h in protocol_heads)
+    scalars = set(events(out).Tags()["scalars"])
+    assert {"linear/val_top1/best", "linear/test_top1/selected"} <= scalars
+    # The saved headline head reproduces its reported test accuracy on the test images.
     saved = load_checkpoint(out / "linear_head.pth")
     spec = saved["spec"]
     model, info = load_pretrained_backbone(trained)
@@ -161,7 +168,7 @@ def test_linear_from_training_checkpoint_saves_the_best_head(trained, tmp_path):
         stacked = stacked_linear_features(model, images, spec["n_last_blocks"])
         logits = head(linear_features(stacked, spec["n_last_blocks"], spec["avgpool_patchtokens"]))
     top1 = 100.0 * float((logits.argmax(1) == labels).float().mean())
-    assert top1 == pytest.approx(saved["val"]["top1"]) == pytest.approx(results["best"]["top1"])
+    assert top1 == pytest.approx(saved["test"]["top1"]) == pytest.approx(headline["test_top1"])
 
 
 def test_linear_augmented_on_image_folder_from_bare_state_dict(bare_vit, three_class_folder):
@@ -175,7 +182,11 @@ def test_linear_augmented_on_image_folder_from_bare_state_dict(bare_vit, three_c
     assert "recomputed every pass" in result.stdout  # augmented: backbone every epoch
     results = json.loads((out / "results.json").read_text())
     assert results["augment"] is True and results["num_classes"] == 3
-    assert results["best"]["name"] == "n2_pool1_lr0.1" and results["best"]["top5"] is None
+    assert results["headline"]["name"] == "n2_pool1_lr0.1"
+    assert results["headline"]["test_top5"] is None
+    # ViT-T of depth 2: DINO's ViT-S head (last 4 blocks) clipped to 2 blocks, no pooling.
+    assert results["dino_protocol"]["name"] == "n2_pool0_lr0.1"
+    assert "adding the DINO-protocol variant" in result.stdout
 
 
 def test_segmentation_scenes_from_training_checkpoint(trained, tmp_path):
