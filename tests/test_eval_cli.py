@@ -223,7 +223,33 @@ def test_segmentation_ade20k_folder_from_bare_state_dict(bare_vit, ade_folder):
     assert {"class_000", "class_001", "class_002", "class_004"} <= occurring
 
 
-@pytest.mark.parametrize("script", ["eval/knn.py", "eval/linear.py", "eval/segmentation.py"])
+def test_hummingbird_scenes_from_training_checkpoint(trained, tmp_path):
+    out = tmp_path / "hummingbird"
+    common = [
+        "--pretrained_weights", str(trained), "--train_scenes", "24", "--test_scenes", "6",
+        "--input_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "8",
+    ]  # fmt: skip
+    result = run("eval/hummingbird.py", *common, "--output_dir", str(out))
+    assert "Hummingbird mIoU" in result.stdout and "Ankle boot" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert (results["input_size"], results["num_classes"], results["num_neighbors"]) == (32, 11, 30)
+    assert results["memory"]["capacity"] == 24 * 16  # 24 scenes x (32 / 8)^2 patches
+    assert results["memory"]["patches"] == 24 * 16 - results["memory"]["unlabelled_patches_skipped"]
+    present = [v for v in results["per_class_iou"].values() if v is not None]
+    assert results["mIoU"] == pytest.approx(sum(present) / len(present))
+    assert "hummingbird/mIoU" in events(out).Tags()["scalars"]
+    capped = run(
+        "eval/hummingbird.py", *common, "--memory_size", "100", "--augmentation_epochs", "2",
+        "--output_dir", str(tmp_path / "capped"),
+    )  # fmt: skip
+    memory = json.loads((tmp_path / "capped" / "results.json").read_text())["memory"]
+    assert memory["patches_per_image"] == 2 and memory["patches"] <= 100
+    assert "augmentation epoch(s)" in capped.stdout and "memory pass 2/2" in capped.stdout
+
+
+@pytest.mark.parametrize(
+    "script", ["eval/knn.py", "eval/linear.py", "eval/segmentation.py", "eval/hummingbird.py"]
+)
 def test_wrong_arch_for_the_checkpoint_is_a_clear_error(script, trained):
     result = run(script, "--pretrained_weights", str(trained), "--arch", "vit_s", expect_ok=False)
     assert result.returncode != 0

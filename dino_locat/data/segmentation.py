@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from dino_locat.data.fashion_mnist import CLASSES as FASHION_CLASSES
 from dino_locat.data.fashion_mnist import FashionMNIST
@@ -304,6 +307,35 @@ class SegmentationTransform:
         if self.train and torch.rand(()) < 0.5:
             pixels, labels = pixels.flip(-1), labels.flip(-1)
         return (pixels - self.mean) / self.std, labels
+
+
+def _normalized(image: Image.Image) -> Tensor:
+    pixels = TF.to_tensor(image)
+    return TF.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _labels(mask: Image.Image) -> Tensor:
+    return torch.from_numpy(np.array(mask, dtype=np.int64))
+
+
+class RandomResizedCropPair:
+    """Hummingbird's memory augmentation: one random resized crop and a horizontal flip,
+    the same for image and mask (mask by nearest neighbour, so labels stay labels).
+
+    Crop areas of 0.5-2x the image (as the public Hummingbird evaluation draws them;
+    torchvision keeps only draws that fit and falls back to a centre crop).
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.5, 2.0)) -> None:
+        self.size, self.scale = [size, size], scale
+
+    def __call__(self, image: Image.Image, mask: Image.Image) -> tuple[Tensor, Tensor]:
+        box = transforms.RandomResizedCrop.get_params(image, list(self.scale), [3 / 4, 4 / 3])
+        image = TF.resized_crop(image, *box, self.size, InterpolationMode.BILINEAR, antialias=True)
+        mask = TF.resized_crop(mask, *box, self.size, InterpolationMode.NEAREST)
+        if torch.rand(()) < 0.5:
+            image, mask = TF.hflip(image), TF.hflip(mask)
+        return _normalized(image), _labels(mask)
 
 
 def collate_keep_masks(batch: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[Tensor]]:

@@ -9,6 +9,7 @@ computed on each validation mask at its own resolution, with 255 ignored.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from dino_locat.training.args import bool_flag
 from dino_locat.training.schedules import cosine_schedule
 from dino_locat.visualization.maps import display_images
 
+PairTransform = Callable[[Any, Any], Any]
 HIDDEN = 512
 # Embedded default (Fashion-MNIST scenes, 64 px): one to two minutes for a ViT-S on 2 idle cores.
 EMBEDDED_SCENES = (1000, 250)
@@ -154,13 +156,8 @@ def train_segmentation_head(
                 report.scalar("train/loss", value, step)
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "Frozen-backbone semantic segmentation (linear-style head on patch tokens)",
-        add_help=add_help,
-    )
-    add_backbone_args(parser)
-    add_run_args(parser, batch_size=32)
+def add_segmentation_data_args(parser: argparse.ArgumentParser) -> None:
+    """Which segmentation data a dense evaluator reads (shared with Hummingbird)."""
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data_path",
@@ -187,6 +184,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="Fashion-MNIST scenes from the test split (%(default)s)",
     )
     data.add_argument("--canvas_size", type=int, default=64, help="scene side in px (64)")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "Frozen-backbone semantic segmentation (linear-style head on patch tokens)",
+        add_help=add_help,
+    )
+    add_backbone_args(parser)
+    add_run_args(parser, batch_size=32)
+    add_segmentation_data_args(parser)
     head = parser.add_argument_group("head training")
     head.add_argument(
         "--epochs",
@@ -211,9 +218,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _datasets(args: argparse.Namespace, image_size: int) -> tuple[Dataset, Dataset, list[str]]:
-    train_tf = SegmentationTransform(image_size, train=args.augment)
-    val_tf = SegmentationTransform(image_size, train=False, keep_mask_size=True)
+def segmentation_datasets(
+    args: argparse.Namespace, train_tf: PairTransform, val_tf: PairTransform
+) -> tuple[Dataset, Dataset, list[str]]:
+    """Train and evaluation datasets of ``add_segmentation_data_args``' flags, class names."""
     if args.data_path is None:
         common = {"canvas_size": args.canvas_size, "seed": args.seed}
         train = FashionMNISTScenes("train", args.train_scenes, transform=train_tf, **common)
@@ -248,7 +256,11 @@ def run_segmentation(args: argparse.Namespace) -> dict[str, Any]:
     )
     image_size = info["image_size"]
     epochs = args.epochs or (EMBEDDED_EPOCHS if embedded else FOLDER_EPOCHS)
-    train_set, val_set, classes = _datasets(args, image_size)
+    train_set, val_set, classes = segmentation_datasets(
+        args,
+        SegmentationTransform(image_size, train=args.augment),
+        SegmentationTransform(image_size, train=False, keep_mask_size=True),
+    )
     size = feature_bytes(model, train_set, patch_feature_map, device)
     cache = not args.augment and size <= args.cache_limit_gb * 2**30
     print(
