@@ -56,7 +56,16 @@ class ConfusionMatrix:
         """Mean over the classes that occur (in targets or predictions), in %."""
         return 100.0 * float(self.iou().nanmean())
 
+    def mean_accuracy(self) -> float:
+        """Mean over the classes present in the targets of their pixels' accuracy, in %
+        (mAcc, as segmentation benchmarks report it next to mIoU)."""
+        counts = self.counts.double()
+        total = counts.sum(1)
+        per_class = torch.where(total > 0, counts.diag() / total.clamp_min(1), torch.nan)
+        return 100.0 * float(per_class.nanmean())
+
     def pixel_accuracy(self) -> float:
+        """Share of all counted pixels labelled right (aAcc), in %."""
         total = int(self.counts.sum())
         return 100.0 * int(self.counts.diag().sum()) / max(total, 1)
 
