@@ -197,6 +197,7 @@ def test_segmentation_scenes_from_training_checkpoint(trained, tmp_path):
     )  # fmt: skip
     assert "mIoU" in result.stdout and "Ankle boot" in result.stdout
     results = json.loads((out / "results.json").read_text())
+    assert results["protocol"] == "fast" and results["comparable_with_paper"] is False
     assert results["image_size"] == 64 and results["num_classes"] == 11
     assert len(results["per_class_iou"]) == 11 and 0 <= results["mIoU"] <= 100
     present = [v for v in results["per_class_iou"].values() if v is not None]
@@ -206,6 +207,25 @@ def test_segmentation_scenes_from_training_checkpoint(trained, tmp_path):
     picture = accumulator.Images("segmentation/image_truth_prediction")[0]
     assert (picture.width, picture.height) == (3 * 64, 4 * 64)  # image | truth | prediction
     assert load_checkpoint(out / "segmentation_head.pth")["classes"][0] == "background"
+
+
+def test_segmentation_paper_protocol_from_training_checkpoint(trained, tmp_path):
+    out = tmp_path / "paper"
+    result = run(
+        "eval/segmentation.py", "--pretrained_weights", str(trained), "--protocol", "paper",
+        "--train_scenes", "16", "--test_scenes", "4", "--iterations", "6", "--crop_size", "32",
+        "--train_scale", "64", "32", "--test_scale", "64", "48", "--batch_size_per_gpu", "4",
+        "--output_dir", str(out), "--num_workers", "0",
+    )  # fmt: skip
+    assert "paper protocol: 6 iterations at batch 4, crops 32" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"] == "paper" and results["comparable_with_paper"] is False
+    assert (results["iterations"], results["crop_size"], results["weight_decay"]) == (6, 32, 0.01)
+    assert results["test_scale"] == [64, 48] and results["num_classes"] == 11
+    for name in ("mIoU", "mAcc", "aAcc"):
+        assert 0 <= results[name] <= 100
+    head = load_checkpoint(out / "segmentation_head.pth")
+    assert head["protocol"] == "paper" and "0.bias" not in head["head"]
 
 
 def test_segmentation_ade20k_folder_from_bare_state_dict(bare_vit, ade_folder):

@@ -1,11 +1,12 @@
 """Hummingbird dense nearest-neighbour retrieval (Balazevic et al., NeurIPS 2023; DESIGN §6).
 
 No head is trained: the frozen backbone's last-block patch tokens (before the final norm
-and PRR, the segmentation probe's tokens) of augmented training images form a memory of
-L2-normalised patch features, each with a soft label (the fraction of its labelled pixels in
-each class). Every validation patch takes its k = 30 nearest memory patches (exact inner
-product, faiss), weights them by softmax(cosine / 0.02) and sums their soft labels; the patch
-label map is upsampled bilinearly to the mask and scored by mIoU, ignore pixels excluded.
+and PRR, the segmentation probe's tokens) of augmented training images (224 px; the
+embedded 64-px scenes keep their size) form a memory of L2-normalised patch features, each
+with a soft label (the fraction of its labelled pixels in each class). Every validation
+patch takes its k = 30 nearest memory patches (exact inner product, faiss), weights them by
+softmax(cosine / 0.02) and sums their soft labels; the patch label map is upsampled
+bilinearly to the mask and scored by mIoU, ignore pixels excluded.
 
 Memory stays bounded: the bank is allocated once at its final size and filled in place
 (``--memory_size`` caps it, keeping per image the patches of its rarer classes first), the
@@ -231,7 +232,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "Hummingbird dense nearest-neighbour retrieval of a frozen backbone (mIoU, no training)",
         add_help=add_help,
     )
-    add_backbone_args(parser, input_size=INPUT_SIZE)
+    add_backbone_args(
+        parser,
+        input_size_help=f"images are resized to this side (default: {INPUT_SIZE}, the "
+        "protocol's; on the embedded scenes their --canvas_size)",
+    )
     add_run_args(parser, batch_size=64)
     add_segmentation_data_args(parser)
     group = parser.add_argument_group("Hummingbird")
@@ -280,7 +285,9 @@ def run_hummingbird(args: argparse.Namespace) -> dict[str, Any]:
     check_positive(args, "batch_size_per_gpu", "train_scenes", "test_scenes")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    model, info = frozen_backbone(args, device)
+    embedded = args.data_path is None
+    input_size = args.image_size or (args.canvas_size if embedded else INPUT_SIZE)
+    model, info = frozen_backbone(args, device, image_size=input_size)
     input_size, patch_size = info["image_size"], info["patch_size"]
     if input_size % patch_size:
         raise EvaluationInputError(

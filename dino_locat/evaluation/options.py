@@ -37,11 +37,11 @@ def add_backbone_args(
     parser: argparse.ArgumentParser,
     required: bool = True,
     weights: bool = True,
-    input_size: int | None = None,
+    input_size_help: str | None = None,
 ) -> None:
     """Which backbone to load and at what size (``weights=False``: the checkpoint is implied,
     e.g. by a run folder, and only the checks and the image size are asked). With
-    ``input_size`` the size is fixed by the protocol, not the checkpoint, and is also
+    ``input_size_help`` the size is the protocol's, not the checkpoint's, and is also
     spelled ``--input_size`` as in that protocol's own tools."""
     group = parser.add_argument_group("backbone")
     if weights:
@@ -66,7 +66,7 @@ def add_backbone_args(
     group.add_argument(
         "--patch_size", type=int, default=None, help="read from the checkpoint; checked if given"
     )
-    if input_size is None:
+    if input_size_help is None:
         group.add_argument(
             "--image_size",
             type=int,
@@ -79,8 +79,8 @@ def add_backbone_args(
             "--image_size",
             dest="image_size",
             type=int,
-            default=input_size,
-            help="images are resized to this side (default: %(default)s, the protocol's)",
+            default=None,
+            help=input_size_help,
         )
 
 
