@@ -1,6 +1,7 @@
 """Submit one evaluator with submitit: python launch/eval.py knn --pretrained_weights CKPT ...
 
-The evaluator's flags are those of eval/knn.py, eval/linear.py, eval/segmentation.py.
+The evaluator's flags are those of eval/knn.py, eval/linear.py, eval/segmentation.py,
+eval/hummingbird.py.
 """
 
 import argparse

@@ -136,19 +136,26 @@ def test_knn_image_folder_with_three_classes_from_bare_state_dict(bare_vit, thre
     assert results["knn"]["10"]["top1"] > 60  # colour is easy even for random weights
 
 
-def test_linear_from_training_checkpoint_saves_the_best_head(trained, tmp_path):
+def test_linear_chooses_on_held_out_data_and_tests_once(trained, tmp_path):
     out = tmp_path / "linear"
-    run(
+    result = run(
         "eval/linear.py", "--pretrained_weights", str(trained), "--train_subset", "256",
         "--test_subset", "128", "--epochs", "2", "--lrs", "0.01", "0.3",
         "--n_last_blocks", "1", "2", "--output_dir", str(out), "--num_workers", "0",
     )  # fmt: skip
+    assert "headline: test top-1" in result.stdout and "DINO protocol: test top-1" in result.stdout
     results = json.loads((out / "results.json").read_text())
-    heads = results["heads"]
+    heads = results["heads_held_out"]
     assert len(heads) == 8  # 2 n_last_blocks x 2 avgpool x 2 lrs, trained together
-    assert results["best"]["top1"] == max(h["top1"] for h in heads)
-    assert {"linear/val_top1/best", "linear/train/loss_mean"} <= set(events(out).Tags()["scalars"])
-    # The saved head reproduces its reported validation accuracy on the same images.
+    assert "held out for selection" in results["data"] and "trained on" in results["data"]
+    headline, protocol = results["headline"], results["dino_protocol"]
+    assert headline["val_top1"] == max(h["val_top1"] for h in heads)
+    assert (protocol["n_last_blocks"], protocol["avgpool_patchtokens"]) == (1, False)  # LocAtViT
+    protocol_heads = [h for h in heads if h["name"].startswith("n1_pool0_")]
+    assert protocol["val_top1"] == max(h["val_top1"] for h in protocol_heads)
+    scalars = set(events(out).Tags()["scalars"])
+    assert {"linear/val_top1/best", "linear/test_top1/selected"} <= scalars
+    # The saved headline head reproduces its reported test accuracy on the test images.
     saved = load_checkpoint(out / "linear_head.pth")
     spec = saved["spec"]
     model, info = load_pretrained_backbone(trained)
@@ -161,7 +168,7 @@ def test_linear_from_training_checkpoint_saves_the_best_head(trained, tmp_path):
         stacked = stacked_linear_features(model, images, spec["n_last_blocks"])
         logits = head(linear_features(stacked, spec["n_last_blocks"], spec["avgpool_patchtokens"]))
     top1 = 100.0 * float((logits.argmax(1) == labels).float().mean())
-    assert top1 == pytest.approx(saved["val"]["top1"]) == pytest.approx(results["best"]["top1"])
+    assert top1 == pytest.approx(saved["test"]["top1"]) == pytest.approx(headline["test_top1"])
 
 
 def test_linear_augmented_on_image_folder_from_bare_state_dict(bare_vit, three_class_folder):
@@ -175,7 +182,11 @@ def test_linear_augmented_on_image_folder_from_bare_state_dict(bare_vit, three_c
     assert "recomputed every pass" in result.stdout  # augmented: backbone every epoch
     results = json.loads((out / "results.json").read_text())
     assert results["augment"] is True and results["num_classes"] == 3
-    assert results["best"]["name"] == "n2_pool1_lr0.1" and results["best"]["top5"] is None
+    assert results["headline"]["name"] == "n2_pool1_lr0.1"
+    assert results["headline"]["test_top5"] is None
+    # ViT-T of depth 2: DINO's ViT-S head (last 4 blocks) clipped to 2 blocks, no pooling.
+    assert results["dino_protocol"]["name"] == "n2_pool0_lr0.1"
+    assert "adding the DINO-protocol variant" in result.stdout
 
 
 def test_segmentation_scenes_from_training_checkpoint(trained, tmp_path):
@@ -186,6 +197,7 @@ def test_segmentation_scenes_from_training_checkpoint(trained, tmp_path):
     )  # fmt: skip
     assert "mIoU" in result.stdout and "Ankle boot" in result.stdout
     results = json.loads((out / "results.json").read_text())
+    assert results["protocol"] == "fast" and results["comparable_with_paper"] is False
     assert results["image_size"] == 64 and results["num_classes"] == 11
     assert len(results["per_class_iou"]) == 11 and 0 <= results["mIoU"] <= 100
     present = [v for v in results["per_class_iou"].values() if v is not None]
@@ -195,6 +207,25 @@ def test_segmentation_scenes_from_training_checkpoint(trained, tmp_path):
     picture = accumulator.Images("segmentation/image_truth_prediction")[0]
     assert (picture.width, picture.height) == (3 * 64, 4 * 64)  # image | truth | prediction
     assert load_checkpoint(out / "segmentation_head.pth")["classes"][0] == "background"
+
+
+def test_segmentation_paper_protocol_from_training_checkpoint(trained, tmp_path):
+    out = tmp_path / "paper"
+    result = run(
+        "eval/segmentation.py", "--pretrained_weights", str(trained), "--protocol", "paper",
+        "--train_scenes", "16", "--test_scenes", "4", "--iterations", "6", "--crop_size", "32",
+        "--train_scale", "64", "32", "--test_scale", "64", "48", "--batch_size_per_gpu", "4",
+        "--output_dir", str(out), "--num_workers", "0",
+    )  # fmt: skip
+    assert "paper protocol: 6 iterations at batch 4, crops 32" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"] == "paper" and results["comparable_with_paper"] is False
+    assert (results["iterations"], results["crop_size"], results["weight_decay"]) == (6, 32, 0.01)
+    assert results["test_scale"] == [64, 48] and results["num_classes"] == 11
+    for name in ("mIoU", "mAcc", "aAcc"):
+        assert 0 <= results[name] <= 100
+    head = load_checkpoint(out / "segmentation_head.pth")
+    assert head["protocol"] == "paper" and "0.bias" not in head["head"]
 
 
 def test_segmentation_ade20k_folder_from_bare_state_dict(bare_vit, ade_folder):
@@ -212,7 +243,33 @@ def test_segmentation_ade20k_folder_from_bare_state_dict(bare_vit, ade_folder):
     assert {"class_000", "class_001", "class_002", "class_004"} <= occurring
 
 
-@pytest.mark.parametrize("script", ["eval/knn.py", "eval/linear.py", "eval/segmentation.py"])
+def test_hummingbird_scenes_from_training_checkpoint(trained, tmp_path):
+    out = tmp_path / "hummingbird"
+    common = [
+        "--pretrained_weights", str(trained), "--train_scenes", "24", "--test_scenes", "6",
+        "--input_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "8",
+    ]  # fmt: skip
+    result = run("eval/hummingbird.py", *common, "--output_dir", str(out))
+    assert "Hummingbird mIoU" in result.stdout and "Ankle boot" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert (results["input_size"], results["num_classes"], results["num_neighbors"]) == (32, 11, 30)
+    assert results["memory"]["capacity"] == 24 * 16  # 24 scenes x (32 / 8)^2 patches
+    assert results["memory"]["patches"] == 24 * 16 - results["memory"]["unlabelled_patches_skipped"]
+    present = [v for v in results["per_class_iou"].values() if v is not None]
+    assert results["mIoU"] == pytest.approx(sum(present) / len(present))
+    assert "hummingbird/mIoU" in events(out).Tags()["scalars"]
+    capped = run(
+        "eval/hummingbird.py", *common, "--memory_size", "100", "--augmentation_epochs", "2",
+        "--output_dir", str(tmp_path / "capped"),
+    )  # fmt: skip
+    memory = json.loads((tmp_path / "capped" / "results.json").read_text())["memory"]
+    assert memory["patches_per_image"] == 2 and memory["patches"] <= 100
+    assert "augmentation epoch(s)" in capped.stdout and "memory pass 2/2" in capped.stdout
+
+
+@pytest.mark.parametrize(
+    "script", ["eval/knn.py", "eval/linear.py", "eval/segmentation.py", "eval/hummingbird.py"]
+)
 def test_wrong_arch_for_the_checkpoint_is_a_clear_error(script, trained):
     result = run(script, "--pretrained_weights", str(trained), "--arch", "vit_s", expect_ok=False)
     assert result.returncode != 0

@@ -41,7 +41,8 @@ def brute_force_scores(train, train_labels, test, classes, k, temperature=TEMPER
 
 
 def brute_force_accuracy(scores, labels):
-    order = scores.argsort(dim=1, descending=True)
+    """DINO's ranking: a stable descending sort (ties keep class order)."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
     top1 = (order[:, 0] == labels).double().mean().item() * 100
     top5 = (order[:, :5] == labels[:, None]).any(dim=1).double().mean().item() * 100
     return top1, top5
@@ -104,3 +105,20 @@ def test_topk_correct_counts_and_skips_impossible_k():
     scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
     labels = torch.tensor([2, 0, 0])
     assert topk_correct(scores, labels, (1, 2, 5)) == [1, 2, None]
+
+
+def test_zero_score_ties_rank_in_class_order_as_dino():
+    # Only class 9 got votes: the other classes tie at 0 and rank 0, 1, 2, 3 after it,
+    # so labels 0 and 1 are in the top 5 and 8 is not (topk orders the ties arbitrarily).
+    scores = torch.zeros(3, 10)
+    scores[:, 9] = 1.0
+    assert topk_correct(scores, torch.tensor([0, 1, 8]), (1, 5)) == [0, 2]
+
+
+def test_top5_with_few_neighbours_equals_dino_ranking():
+    # k = 1 and 2 leave most of the 10 classes at score 0: ties decide most of the top 5.
+    train, train_labels, test, test_labels = random_problem(300, 200, 16, 10, seed=3)
+    accuracy = knn_accuracy(train, train_labels, test, test_labels, 10, (1, 2))
+    for k in (1, 2):
+        reference = brute_force_scores(train, train_labels, test, 10, k)
+        assert accuracy[k]["top5"] == pytest.approx(brute_force_accuracy(reference, test_labels)[1])

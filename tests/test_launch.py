@@ -146,6 +146,23 @@ def test_eval_launcher_runs_knn_on_a_checkpoint_in_debug_mode(local_run, tmp_pat
     assert list((result_dir / "jobs").iterdir()), "job files belong under the eval output_dir"
 
 
+def test_eval_launcher_runs_hummingbird_in_debug_mode(local_run, tmp_path):
+    out, _ = local_run
+    flags = "--train_scenes 8 --test_scenes 4 --input_size 32 --num_workers 0".split()
+    ckpt = out / "checkpoint.pth"
+    proc = run_cli(
+        "eval.py", "hummingbird", "--pretrained_weights", ckpt, *flags,
+        "--output_dir", tmp_path / "hb", "--cluster", "debug",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((tmp_path / "hb" / "results.json").read_text())["evaluation"] == "hummingbird"
+    # ... and it chains after training like the others.
+    assert training_launch_parser().parse_args(["--eval", "knn,hummingbird"]).eval == [
+        "knn",
+        "hummingbird",
+    ]
+
+
 def test_local_job_exception_reaches_the_console_and_the_exit_status(tmp_path):
     data = tmp_path / "broken" / "only_class"
     data.mkdir(parents=True)

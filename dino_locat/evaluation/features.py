@@ -1,10 +1,11 @@
 """The one feature extractor every evaluator uses.
 
-Three views of a frozen backbone: the CLS embedding (k-NN), the CLS of the last n blocks
-plus the average of the last block's patch tokens (linear probe), and the raw patch tokens
-of the last block as a feature map (segmentation). ``extract_features`` runs any of them
-over a loader in batches without autograd, with progress and ETA, filling one
-preallocated tensor; ``cached_features`` keeps the result on disk keyed by a fingerprint.
+Four views of a frozen backbone: the CLS embedding (k-NN), the CLS of the last n blocks
+plus the average of the last block's patch tokens (linear probe), the raw patch tokens of
+the last block as a feature map (segmentation) or L2-normalised, one row per patch
+(Hummingbird retrieval). ``feature_batches`` runs any of them over a loader in batches
+without autograd, with progress and ETA; ``extract_features`` fills one preallocated tensor
+from it; ``cached_features`` keeps the result on disk keyed by a fingerprint.
 """
 
 from __future__ import annotations
@@ -60,6 +61,36 @@ def patch_feature_map(model: nn.Module, images: Tensor) -> Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
 
 
+def normalized_patch_tokens(model: nn.Module, images: Tensor) -> Tensor:
+    """Last block's patch tokens (before the final norm and PRR), L2-normalised: (B, h*w, D)."""
+    tokens, _ = model.get_patch_tokens(images)
+    return F.normalize(tokens, dim=-1)
+
+
+@torch.no_grad()
+def feature_batches(
+    model: nn.Module,
+    loader: DataLoader,
+    embed: Embed = normalized_cls,
+    device: torch.device | str = "cpu",
+    header: str = "features",
+    verbose: bool = True,
+) -> Iterator[tuple[Tensor, Any]]:
+    """(features float32 on the CPU, targets as the loader gave them), batch by batch.
+
+    For consumers that reduce every batch as it comes (sample it, search with it) rather
+    than keep every feature of the dataset. ``verbose`` prints progress with ETA and a
+    summary line.
+    """
+    progress = Progress(loader, len(loader), header=header, enabled=verbose)
+    for images, batch_targets in progress:
+        yield embed(model, images.to(device, non_blocking=True)).float().cpu(), batch_targets
+        if progress.due:
+            progress.log(*progress.rate())
+    if verbose:
+        print(progress.summary(), flush=True)
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -78,10 +109,8 @@ def extract_features(
     total = len(loader.dataset)
     features: Tensor | None = None
     targets: Tensor | None = None
-    progress = Progress(loader, len(loader), header=header, enabled=verbose)
     start = 0
-    for images, batch_targets in progress:
-        out = embed(model, images.to(device, non_blocking=True)).float().cpu()
+    for out, batch_targets in feature_batches(model, loader, embed, device, header, verbose):
         batch_targets = torch.as_tensor(batch_targets)
         if features is None or targets is None:
             features = torch.empty((total, *out.shape[1:]), dtype=torch.float32)
@@ -89,12 +118,8 @@ def extract_features(
         features[start : start + len(out)] = out
         targets[start : start + len(out)] = batch_targets
         start += len(out)
-        if progress.due:
-            progress.log(*progress.rate())
     if features is None or targets is None or start != total:
         raise RuntimeError(f"{header}: the loader gave {start} of {total} items")
-    if verbose:
-        print(progress.summary(), flush=True)
     return features, targets
 
 

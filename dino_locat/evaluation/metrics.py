@@ -13,9 +13,13 @@ def topk_correct(scores: Tensor, targets: Tensor, ks: Sequence[int]) -> list[int
 
     None for a k that is not smaller than the number of classes would make trivially 100%
     (k > number of classes), so that top-5 is only reported with at least 5 classes.
+    Classes are ranked by a stable descending sort, as DINO's k-NN classifier ranks them:
+    equal scores (e.g. the zero score of every class no neighbour voted for) keep class
+    order, where ``topk`` would order them arbitrarily and move top-5 on a few queries.
     """
     num_classes = scores.shape[1]
-    best = scores.topk(min(max(ks), num_classes), dim=1).indices
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    best = order[:, : min(max(ks), num_classes)]
     hits = best == targets[:, None]
     return [None if k > num_classes else int(hits[:, :k].any(dim=1).sum()) for k in ks]
 
@@ -52,7 +56,16 @@ class ConfusionMatrix:
         """Mean over the classes that occur (in targets or predictions), in %."""
         return 100.0 * float(self.iou().nanmean())
 
+    def mean_accuracy(self) -> float:
+        """Mean over the classes present in the targets of their pixels' accuracy, in %
+        (mAcc, as segmentation benchmarks report it next to mIoU)."""
+        counts = self.counts.double()
+        total = counts.sum(1)
+        per_class = torch.where(total > 0, counts.diag() / total.clamp_min(1), torch.nan)
+        return 100.0 * float(per_class.nanmean())
+
     def pixel_accuracy(self) -> float:
+        """Share of all counted pixels labelled right (aAcc), in %."""
         total = int(self.counts.sum())
         return 100.0 * int(self.counts.diag().sum()) / max(total, 1)
 

@@ -34,10 +34,15 @@ USER_ERRORS = (
 
 
 def add_backbone_args(
-    parser: argparse.ArgumentParser, required: bool = True, weights: bool = True
+    parser: argparse.ArgumentParser,
+    required: bool = True,
+    weights: bool = True,
+    input_size_help: str | None = None,
 ) -> None:
     """Which backbone to load and at what size (``weights=False``: the checkpoint is implied,
-    e.g. by a run folder, and only the checks and the image size are asked)."""
+    e.g. by a run folder, and only the checks and the image size are asked). With
+    ``input_size_help`` the size is the protocol's, not the checkpoint's, and is also
+    spelled ``--input_size`` as in that protocol's own tools."""
     group = parser.add_argument_group("backbone")
     if weights:
         group.add_argument(
@@ -61,12 +66,22 @@ def add_backbone_args(
     group.add_argument(
         "--patch_size", type=int, default=None, help="read from the checkpoint; checked if given"
     )
-    group.add_argument(
-        "--image_size",
-        type=int,
-        default=None,
-        help="evaluation resolution (default: the checkpoint's global crop size)",
-    )
+    if input_size_help is None:
+        group.add_argument(
+            "--image_size",
+            type=int,
+            default=None,
+            help="evaluation resolution (default: the checkpoint's global crop size)",
+        )
+    else:
+        group.add_argument(
+            "--input_size",
+            "--image_size",
+            dest="image_size",
+            type=int,
+            default=None,
+            help=input_size_help,
+        )
 
 
 def add_run_args(parser: argparse.ArgumentParser, batch_size: int) -> None:

@@ -1,14 +1,27 @@
-"""Frozen-backbone semantic segmentation (DESIGN §6, the LocAtViT paper's protocol).
+"""Frozen-backbone semantic segmentation (DESIGN §6): two protocols, one evaluator.
 
 The backbone's last-block patch tokens (before the final norm and PRR) form a (D, h, w)
-feature map; a small head (1x1 conv to 512 channels, GroupNorm, GELU, 1x1 classifier)
-is trained on it with AdamW, its logits upsampled bilinearly to the mask size. mIoU is
-computed on each validation mask at its own resolution, with 255 ignored.
+feature map; a small head (1x1 conv to 512 channels, GroupNorm, GELU, 1x1 classifier) is
+trained on it with AdamW, its logits upsampled bilinearly to the mask size. mIoU, mAcc and
+aAcc are computed on each validation mask at its own resolution, with 255 ignored.
+
+- ``--protocol fast`` (default): images squashed to a square ``image_size``, feature maps
+  cached, no augmentation, GroupNorm(32), cosine schedule over epochs. A quick probe for
+  our own A/B comparisons; its numbers are not comparable with the paper's.
+- ``--protocol paper``: the public LocAtViT frozen-segmentation protocol. Head without
+  conv bias, GroupNorm(1 group), weights normal(0, 0.01); AdamW lr 1e-3, wd 0.01; one-cycle
+  schedule (25% linear warm-up, linear anneal; the lr only) over 20,000 iterations at batch
+  32; training views rescaled into a (2048, 512) frame x [0.5, 2], 512 crops with no class
+  over 75%, flips, photometric distortion (the backbone runs every iteration); test views
+  short side 512, aspect kept, whole image. PASCAL Context-59 uses 520 / 480 crops.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator
+from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,14 +36,18 @@ from dino_locat.data.segmentation import (
     IGNORE_INDEX,
     LAYOUTS,
     FashionMNISTScenes,
+    PaperTestTransform,
+    PaperTrainTransform,
     SegmentationFolder,
     SegmentationTransform,
     collate_keep_masks,
+    detect_layout,
 )
 from dino_locat.evaluation.backbone import frozen_backbone
 from dino_locat.evaluation.features import FrozenBatches, feature_bytes, patch_feature_map
 from dino_locat.evaluation.metrics import ConfusionMatrix, iou_table
 from dino_locat.evaluation.options import (
+    EvaluationInputError,
     add_backbone_args,
     add_run_args,
     check_positive,
@@ -43,12 +60,20 @@ from dino_locat.training.args import bool_flag
 from dino_locat.training.schedules import cosine_schedule
 from dino_locat.visualization.maps import display_images
 
+PairTransform = Callable[[Any, Any], Any]
 HIDDEN = 512
 # Embedded default (Fashion-MNIST scenes, 64 px): one to two minutes for a ViT-S on 2 idle cores.
 EMBEDDED_SCENES = (1000, 250)
 EMBEDDED_EPOCHS = 20
 FOLDER_EPOCHS = 40
 SHOWN_PREDICTIONS = 4
+PAPER_ITERATIONS = 20_000
+# layout -> (training (long, short) frame, crop side, test (long, short) frame), as the paper's
+# protocol sets them; every other layout (and the embedded scenes) uses the ADE20K sizes.
+PAPER_SIZES = {
+    "context": ((520, 520), 480, (4096, 520)),
+    "default": ((2048, 512), 512, (2048, 512)),
+}
 
 
 class SegmentationHead(nn.Sequential):
@@ -61,6 +86,22 @@ class SegmentationHead(nn.Sequential):
             nn.GELU(),
             nn.Conv2d(hidden, num_classes, kernel_size=1),
         )
+
+
+class PaperSegmentationHead(nn.Sequential):
+    """The paper protocol's head: 1x1 conv (512, no bias) + GroupNorm(1) + GELU + 1x1
+    classifier, conv weights drawn from normal(0, 0.01)."""
+
+    def __init__(self, embed_dim: int, num_classes: int, hidden: int = HIDDEN) -> None:
+        super().__init__(
+            nn.Conv2d(embed_dim, hidden, kernel_size=1, bias=False),
+            nn.GroupNorm(1, hidden),
+            nn.GELU(),
+            nn.Conv2d(hidden, num_classes, kernel_size=1),
+        )
+        for conv in (self[0], self[3]):
+            nn.init.normal_(conv.weight, std=0.01)
+        nn.init.zeros_(self[3].bias)
 
 
 def upsampled_logits(head: nn.Module, feature_map: Tensor, size: tuple[int, int]) -> Tensor:
@@ -154,13 +195,63 @@ def train_segmentation_head(
                 report.scalar("train/loss", value, step)
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "Frozen-backbone semantic segmentation (linear-style head on patch tokens)",
-        add_help=add_help,
+def _forever(loader: DataLoader) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+def one_cycle(
+    optimizer: torch.optim.Optimizer, lr: float, iterations: int
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The paper protocol's schedule: lr / 25 rising linearly to ``lr`` over the first 25% of
+    ``iterations``, then falling linearly to lr / 25e4 (torch's one-cycle defaults; the
+    Adam betas are left alone)."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=lr,
+        total_steps=iterations,
+        pct_start=0.25,
+        anneal_strategy="linear",
+        cycle_momentum=False,
     )
-    add_backbone_args(parser)
-    add_run_args(parser, batch_size=32)
+
+
+def train_paper_head(
+    model: nn.Module,
+    head: nn.Module,
+    loader: DataLoader,
+    iterations: int,
+    lr: float,
+    weight_decay: float,
+    device: torch.device,
+    report: Report,
+) -> None:
+    """AdamW + one-cycle lr (25% linear warm-up from lr / 25, linear anneal) for
+    ``iterations`` steps; the frozen backbone embeds every freshly augmented batch."""
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = one_cycle(optimizer, lr, iterations)
+    head.train()
+    progress = Progress(islice(_forever(loader), iterations), iterations, header="paper head")
+    for step, (images, masks) in enumerate(progress, start=1):
+        with torch.no_grad():
+            features = patch_feature_map(model, images.to(device, non_blocking=True))
+        masks = masks.to(device)
+        logits = upsampled_logits(head, features, tuple(masks.shape[-2:]))
+        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        used_lr = schedule.get_last_lr()[0]
+        schedule.step()
+        if progress.due:
+            value = float(loss.detach())
+            progress.log(*progress.rate(), loss=value, lr=used_lr)
+            report.scalar("train/loss", value, step)
+            report.scalar("train/lr", used_lr, step)
+
+
+def add_segmentation_data_args(parser: argparse.ArgumentParser) -> None:
+    """Which segmentation data a dense evaluator reads (shared with Hummingbird)."""
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data_path",
@@ -187,20 +278,71 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="Fashion-MNIST scenes from the test split (%(default)s)",
     )
     data.add_argument("--canvas_size", type=int, default=64, help="scene side in px (64)")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "Frozen-backbone semantic segmentation (linear-style head on patch tokens)",
+        add_help=add_help,
+    )
+    add_backbone_args(parser)
+    add_run_args(parser, batch_size=32)
+    add_segmentation_data_args(parser)
     head = parser.add_argument_group("head training")
+    head.add_argument(
+        "--protocol",
+        choices=("fast", "paper"),
+        default="fast",
+        help="fast: squashed square images, cached features, our quick A/B probe; paper: "
+        "the LocAtViT paper's protocol, comparable with its tables (default: fast)",
+    )
     head.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help=f"default: {EMBEDDED_EPOCHS} on the scenes, {FOLDER_EPOCHS} with --data_path",
+        help=f"fast: default {EMBEDDED_EPOCHS} on the scenes, {FOLDER_EPOCHS} with --data_path",
+    )
+    head.add_argument(
+        "--iterations",
+        type=int,
+        default=PAPER_ITERATIONS,
+        help="paper: training iterations (%(default)s)",
+    )
+    head.add_argument(
+        "--crop_size",
+        type=int,
+        default=None,
+        help="paper: training crop side (512; 480 for PASCAL Context)",
+    )
+    head.add_argument(
+        "--train_scale",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LONG", "SHORT"),
+        help="paper: frame the training images are rescaled into, x [0.5, 2] "
+        "(2048 512; 520 520 for PASCAL Context)",
+    )
+    head.add_argument(
+        "--test_scale",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LONG", "SHORT"),
+        help="paper: frame of the test images (2048 512; 4096 520 for PASCAL Context)",
     )
     head.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr (1e-3)")
-    head.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW decay (1e-4)")
+    head.add_argument(
+        "--weight_decay",
+        type=float,
+        default=None,
+        help="AdamW decay (fast: 1e-4, paper: 0.01)",
+    )
     head.add_argument(
         "--augment",
         type=bool_flag,
         default=False,
-        help="random horizontal flips; the backbone then runs every epoch (false)",
+        help="fast: random horizontal flips; the backbone then runs every epoch (false)",
     )
     head.add_argument(
         "--cache_limit_gb",
@@ -211,9 +353,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _datasets(args: argparse.Namespace, image_size: int) -> tuple[Dataset, Dataset, list[str]]:
-    train_tf = SegmentationTransform(image_size, train=args.augment)
-    val_tf = SegmentationTransform(image_size, train=False, keep_mask_size=True)
+def segmentation_datasets(
+    args: argparse.Namespace, train_tf: PairTransform, val_tf: PairTransform
+) -> tuple[Dataset, Dataset, list[str]]:
+    """Train and evaluation datasets of ``add_segmentation_data_args``' flags, class names."""
     if args.data_path is None:
         common = {"canvas_size": args.canvas_size, "seed": args.seed}
         train = FashionMNISTScenes("train", args.train_scenes, transform=train_tf, **common)
@@ -237,18 +380,21 @@ def _datasets(args: argparse.Namespace, image_size: int) -> tuple[Dataset, Datas
     return train, val, list(train.classes)
 
 
-def run_segmentation(args: argparse.Namespace) -> dict[str, Any]:
-    """Train the head on frozen patch tokens, report mIoU (+ per class) and predictions."""
-    check_positive(args, "epochs", "lr", "batch_size_per_gpu", "train_scenes", "test_scenes")
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
+def _fast_protocol(
+    args: argparse.Namespace, device: torch.device, report: Report
+) -> tuple[nn.Module, dict[str, Any], nn.Module, DataLoader, list[str], dict[str, Any]]:
+    """Squashed square images, cached feature maps, cosine schedule over epochs."""
     embedded = args.data_path is None
     model, info = frozen_backbone(
         args, device, image_size=args.image_size or (args.canvas_size if embedded else None)
     )
     image_size = info["image_size"]
     epochs = args.epochs or (EMBEDDED_EPOCHS if embedded else FOLDER_EPOCHS)
-    train_set, val_set, classes = _datasets(args, image_size)
+    train_set, val_set, classes = segmentation_datasets(
+        args,
+        SegmentationTransform(image_size, train=args.augment),
+        SegmentationTransform(image_size, train=False, keep_mask_size=True),
+    )
     size = feature_bytes(model, train_set, patch_feature_map, device)
     cache = not args.augment and size <= args.cache_limit_gb * 2**30
     print(
@@ -274,42 +420,134 @@ def run_segmentation(args: argparse.Namespace) -> dict[str, Any]:
         collate_fn=collate_keep_masks,
     )
     head = SegmentationHead(info["embed_dim"], len(classes)).to(device)
+    weight_decay = 1e-4 if args.weight_decay is None else args.weight_decay
+    train_segmentation_head(head, train, epochs, args.lr, weight_decay, report)
+    details = {"image_size": image_size, "epochs": epochs, "weight_decay": weight_decay}
+    return model, info, head, val_loader, classes, details
+
+
+def _paper_protocol(
+    args: argparse.Namespace, device: torch.device, report: Report
+) -> tuple[nn.Module, dict[str, Any], nn.Module, DataLoader, list[str], dict[str, Any]]:
+    """The paper's augmentation, head, optimiser and schedule; whole-image test views."""
+    layout = "default"
+    if args.data_path is not None:
+        layout = detect_layout(Path(args.data_path)) if args.layout == "auto" else args.layout
+    train_scale, crop, test_scale = PAPER_SIZES.get(layout, PAPER_SIZES["default"])
+    train_scale = tuple(args.train_scale or train_scale)
+    test_scale = tuple(args.test_scale or test_scale)
+    crop = args.crop_size or crop
+    model, info = frozen_backbone(args, device, image_size=args.image_size or crop)
+    if crop % info["patch_size"]:
+        raise EvaluationInputError(
+            f"--crop_size {crop} is not a multiple of the patch size {info['patch_size']}"
+        )
+    train_set, val_set, classes = segmentation_datasets(
+        args, PaperTrainTransform(train_scale, crop), PaperTestTransform(test_scale)
+    )
+    batch = args.batch_size_per_gpu
+    loader = DataLoader(
+        train_set,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=len(train_set) >= batch,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    val_loader = DataLoader(
+        val_set, batch_size=1, num_workers=args.num_workers, collate_fn=collate_keep_masks
+    )
+    head = PaperSegmentationHead(info["embed_dim"], len(classes)).to(device)
+    weight_decay = 0.01 if args.weight_decay is None else args.weight_decay
+    print(
+        f"paper protocol: {args.iterations} iterations at batch {batch}, crops {crop} from a "
+        f"{train_scale} frame x [0.5, 2], test frame {test_scale}, AdamW lr {args.lr} "
+        f"wd {weight_decay}, one-cycle",
+        flush=True,
+    )
+    train_paper_head(model, head, loader, args.iterations, args.lr, weight_decay, device, report)
+    details = {
+        "crop_size": crop,
+        "train_scale": list(train_scale),
+        "test_scale": list(test_scale),
+        "iterations": args.iterations,
+        "batch_size": batch,
+        "weight_decay": weight_decay,
+    }
+    return model, info, head, val_loader, classes, details
+
+
+def _comparable_with_paper(args: argparse.Namespace) -> bool:
+    """Paper protocol with its defaults on real benchmark data (not the embedded scenes)."""
+    parser = get_args_parser()
+    sizes = ("iterations", "crop_size", "train_scale", "test_scale", "image_size", "lr")
+    return (
+        args.protocol == "paper"
+        and args.data_path is not None
+        and args.batch_size_per_gpu == 32
+        and args.weight_decay in (None, 0.01)
+        and all(getattr(args, name) == parser.get_default(name) for name in sizes)
+    )
+
+
+def run_segmentation(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the head on frozen patch tokens (``--protocol``), report mIoU, mAcc, aAcc (+ per
+    class IoU) and a picture of predictions."""
+    check_positive(
+        args, "epochs", "iterations", "crop_size", "lr", "batch_size_per_gpu", "train_scenes"
+    )
+    check_positive(args, "test_scenes", "train_scale", "test_scale")
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
     output_dir = default_output_dir(args, "segmentation")
     report = Report(output_dir, "segmentation")
-    train_segmentation_head(head, train, epochs, args.lr, args.weight_decay, report)
+    protocol = _paper_protocol if args.protocol == "paper" else _fast_protocol
+    model, info, head, val_loader, classes, details = protocol(args, device, report)
+    step = details.get("epochs") or details["iterations"]
     confusion, picture = evaluate_segmentation(model, head, val_loader, len(classes), device)
     iou = confusion.iou()
     print(iou_table(iou, classes))
-    miou, accuracy = confusion.mean_iou(), confusion.pixel_accuracy()
-    print(f"mIoU {miou:.2f}%  pixel accuracy {accuracy:.2f}%", flush=True)
-    report.scalar("val/mIoU", miou, epochs)
-    report.scalar("val/pixel_accuracy", accuracy, epochs)
+    metrics = {
+        "mIoU": confusion.mean_iou(),
+        "mAcc": confusion.mean_accuracy(),
+        "aAcc": confusion.pixel_accuracy(),
+    }
+    print(
+        f"{args.protocol} protocol: "
+        + "  ".join(f"{name} {value:.2f}%" for name, value in metrics.items()),
+        flush=True,
+    )
+    for name, value in metrics.items():
+        report.scalar(f"val/{name}", value, step)
     if picture is not None:
         report.writer.add_image(
-            "segmentation/image_truth_prediction", picture, global_step=epochs, dataformats="HWC"
+            "segmentation/image_truth_prediction", picture, global_step=step, dataformats="HWC"
         )
     head_path = save_checkpoint(
         {
             "head": head.state_dict(),
+            "protocol": args.protocol,
             "classes": classes,
             "embed_dim": info["embed_dim"],
             "backbone": {
                 k: info[k] for k in ("checkpoint", "checkpoint_key", "arch", "patch_size")
             },
-            "image_size": image_size,
+            "image_size": info["image_size"],
             "args": plain_args(args),
         },
         output_dir / "segmentation_head.pth",
     )
     results = {
         "evaluation": "segmentation",
+        "protocol": args.protocol,
+        "comparable_with_paper": _comparable_with_paper(args),
         **{k: info[k] for k in ("checkpoint", "checkpoint_key", "arch", "epoch")},
-        "image_size": image_size,
+        **details,
         "num_classes": len(classes),
         "ignore_index": IGNORE_INDEX,
-        "epochs": epochs,
-        "mIoU": miou,
-        "pixel_accuracy": accuracy,
+        **metrics,
+        "pixel_accuracy": metrics["aAcc"],
         "per_class_iou": {
             name: (None if value != value else 100.0 * value)
             for name, value in zip(classes, iou.tolist(), strict=True)

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import submitit
 
 from dino_locat.checkpoint import CheckpointError
-from dino_locat.evaluation import knn, linear, segmentation
+from dino_locat.evaluation import hummingbird, knn, linear, segmentation
 from dino_locat.evaluation.options import default_output_dir
 from dino_locat.launching.executors import fresh_job_folder, gpus_per_node, make_executor
 from dino_locat.launching.follow import describe, follow
@@ -37,6 +37,7 @@ EVALUATORS: dict[str, tuple[Callable[..., argparse.ArgumentParser], Callable[...
     "knn": (knn.get_args_parser, knn.run_knn),
     "linear": (linear.get_args_parser, linear.run_linear),
     "segmentation": (segmentation.get_args_parser, segmentation.run_segmentation),
+    "hummingbird": (hummingbird.get_args_parser, hummingbird.run_hummingbird),
 }
 
 
