@@ -159,9 +159,8 @@ def test_knn_job_starts_after_the_training_and_writes_its_result(chained_run):
 def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(chained_run, tmp_path):
     reference, _ = chained_run
     out = tmp_path / "dino"
-    # Two CPUs = a whole node, so the high-priority job below (all CPUs of both nodes) must
-    # preempt this one.
-    proc = launch(*tiny_argv(out), "--cluster", "slurm", "--cpus_per_task", "2")
+    # The high-priority job below wants every CPU of both nodes, so it must preempt this one.
+    proc = launch(*tiny_argv(out), "--cluster", "slurm")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id, folder = submitted(proc.stdout)["dino"]
     job = submitit.SlurmJob(folder, job_id)
@@ -275,9 +274,11 @@ def test_two_nodes_train_exactly_as_one_node_with_two_processes(layouts):
     (two, two_job), (one, one_job) = layouts["two_nodes"], layouts["one_node"]
     ranks = rank_lines(two_job.job_id, two_job.paths.folder, 2)
     assert "rank 0 of 2 on node n1" in ranks[0] and "rank 1 of 2 on node n2" in ranks[1]
-    assert "(local rank 0, 2 node(s)), master n1:" in ranks[1]
+    assert "(local rank 0, 2 node(s), 1 thread(s)), master n1:" in ranks[1]
     ranks = rank_lines(one_job.job_id, one_job.paths.folder, 2)
-    assert re.search(r"rank 1 of 2 on node (n\d) \(local rank 1, 1 node\(s\)\)", ranks[1])
+    nodes = [re.search(rf"rank {r} of 2 on node (n\d) \(local rank {r}, 1 node", line)[1]
+             for r, line in enumerate(ranks)]  # fmt: skip
+    assert nodes[0] == nodes[1], ranks
     log = two_job.stdout()
     assert "Batch 8 x 2 process(es) (torchrun/env), 2 it/epoch" in log
     two_ckpt, one_ckpt = (load_checkpoint(p / "checkpoint.pth") for p in (two, one))

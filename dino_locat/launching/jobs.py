@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+import torch
 
 from dino_locat.distributed import describe_peer_failure, is_peer_failure, node_name
 
@@ -26,6 +27,15 @@ def export_distributed_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(
         set_cuda_visible_devices=False, overwrite=True
     )
+
+
+def use_allocated_cpus() -> None:
+    """One intra-op thread per CPU that SLURM gave this task (``SLURM_CPUS_PER_TASK``),
+    unless ``OMP_NUM_THREADS`` is set: without CPU binding, torch would start a thread per
+    core of the whole host in every task, and the ranks of a node would fight over cores."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(int(cpus))
 
 
 class ResumableJob:
@@ -57,11 +67,12 @@ class ResumableJob:
     def __call__(self) -> Any:
         env = submitit.JobEnvironment()
         export_distributed_env()
+        use_allocated_cpus()
         where = f"rank {env.global_rank} of {env.num_tasks} on node {node_name()}"
         print(
             f"[launch] job {env.job_id}: {where} (local rank {env.local_rank}, "
-            f"{env.num_nodes} node(s)), master {os.environ['MASTER_ADDR']}:"
-            f"{os.environ['MASTER_PORT']}",
+            f"{env.num_nodes} node(s), {torch.get_num_threads()} thread(s)), master "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
             flush=True,
         )
         try:
