@@ -365,7 +365,6 @@ def test_a_node_crash_requeues_the_job_which_resumes_to_the_same_weights(layouts
         while not any(state == "NODE_FAIL" for state, _, _ in sacct_runs(job_id)):
             assert time.monotonic() < deadline, f"SLURM never saw n2 fail: {sacct_runs(job_id)}"
             time.sleep(1)
-        assert node_state("n2").startswith("down")
     finally:
         restart_slurmd("n2")
     wait_done(job)
