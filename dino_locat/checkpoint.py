@@ -106,6 +106,25 @@ def checkpoint_args(ckpt: Any) -> dict[str, Any]:
     return {}
 
 
+def trained_with_dino_code(ckpt: Any) -> bool:
+    """True for checkpoints written by DINO's own main_dino.py: it pickles its argparse
+    Namespace as ``args`` (ours store a plain dict), with DINO's ``arch`` among them."""
+    return (
+        isinstance(ckpt, Mapping)
+        and isinstance(ckpt.get("args"), argparse.Namespace)
+        and hasattr(ckpt["args"], "arch")
+    )
+
+
+def pos_embed_rule(ckpt: Any, requested: str = "auto") -> str:
+    """The position-embedding resampling to evaluate ``ckpt`` with: DINO's rule for what
+    DINO's code trained (its published numbers were measured that way), timm's otherwise;
+    ``requested`` (``timm``/``dino``) forces one."""
+    if requested != "auto":
+        return requested
+    return "dino" if trained_with_dino_code(ckpt) else "timm"
+
+
 def extract_backbone_state(ckpt: Any, checkpoint_key: str = "teacher") -> dict[str, Tensor]:
     """Backbone weights from any supported checkpoint layout.
 
@@ -227,6 +246,7 @@ def load_pretrained_backbone(
     patch_size: int | None = None,
     checkpoint_key: str = "teacher",
     image_size: int | None = None,
+    pos_embed_interpolation: str = "auto",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The one checkpoint-to-backbone loader used by every evaluator.
 
@@ -236,7 +256,8 @@ def load_pretrained_backbone(
     weights); ``arch``/``patch_size`` given by the user must agree with them, so that a
     wrong flag fails loudly instead of loading into a different model. ``image_size`` is
     the evaluation resolution: the flag, else the training crop size in the args, else the
-    model's native size. Returns the frozen model in eval mode and a dict describing it.
+    model's native size. ``pos_embed_interpolation`` (auto/timm/dino): see
+    :func:`pos_embed_rule`. Returns the frozen model in eval mode and a dict describing it.
     """
     path = Path(path)
     if path.is_dir():
@@ -272,12 +293,14 @@ def load_pretrained_backbone(
         depth=found["depth"],
         mlp_ratio=found["mlp_ratio"],
         qkv_bias=found["qkv_bias"],
+        pos_embed_interpolation=pos_embed_rule(ckpt, pos_embed_interpolation),
     )
     load_backbone_state(model, state, source)
     model.eval().requires_grad_(False)
     info = {
         **found,
         "image_size": eval_size,
+        "pos_embed_interpolation": model.pos_embed_interpolation,
         "checkpoint": source,
         "checkpoint_key": checkpoint_key if checkpoint_key in ckpt else None,
         "epoch": ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,

@@ -5,19 +5,63 @@ MASTER_ADDR, MASTER_PORT), then SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCAL
 first host of SLURM_JOB_NODELIST as master, a port derived from SLURM_JOB_ID), else a
 single process. Backend: nccl on CUDA, gloo on CPU. A single process creates no process
 group at all (nothing to talk to, no port to collide with other runs).
+
+A rank that dies must not leave the others hanging: the process group is created with a
+timeout (``DINO_LOCAT_DIST_TIMEOUT_S``, default 600 s) that bounds both the start-up
+rendezvous and every collective, and errors name the rank and node that saw them.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0
+# What gloo/NCCL/the rendezvous store say when another rank has gone away or stopped answering.
+PEER_FAILURE_MARKS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+    "Socket Timeout",
+    "NCCL communicator was aborted",
+)
+
+
+# Node of every rank of the process group, gathered once when it is formed (for error messages).
+_rank_nodes: list[str] = []
+
+
+class DistributedError(RuntimeError):
+    """A process group could not be formed, or a collective failed because a rank is gone."""
+
+
+def node_name() -> str:
+    """This process's node: SLURM's name for it when under SLURM, else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def timeout_s(env: Mapping[str, str] | None = None) -> float:
+    """Seconds the rendezvous and each collective may wait (``DINO_LOCAT_DIST_TIMEOUT_S``)."""
+    env = os.environ if env is None else env
+    text = env.get("DINO_LOCAT_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise ValueError(f"DINO_LOCAT_DIST_TIMEOUT_S={text!r} is not a number of seconds") from err
+    if value <= 0:
+        raise ValueError(f"DINO_LOCAT_DIST_TIMEOUT_S={text!r} must be positive")
+    return value
 
 
 @dataclass(frozen=True)
@@ -111,13 +155,44 @@ def init_distributed(env: DistEnv | None = None) -> tuple[DistEnv, torch.device]
     else:
         device = torch.device("cpu")
     if env.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-        )
+        limit = timeout_s()
+        address = f"tcp://{env.master_addr}:{env.master_port}"
+        try:
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo",
+                init_method=address,
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=datetime.timedelta(seconds=limit),
+            )
+        except (RuntimeError, ValueError) as err:
+            raise DistributedError(
+                f"rank {env.rank} of {env.world_size} on node {node_name()}: could not form the "
+                f"process group at {address} within {limit:g} s (DINO_LOCAT_DIST_TIMEOUT_S): "
+                f"{err}. Another rank did not start or cannot reach the master; see its log."
+            ) from err
+        nodes: list[str] = [""] * env.world_size
+        dist.all_gather_object(nodes, node_name())
+        _rank_nodes[:] = nodes
     return env, device
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """True when ``err`` says that another rank died or stopped answering."""
+    if isinstance(err, DistributedError | dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(mark in str(err) for mark in PEER_FAILURE_MARKS)
+
+
+def describe_peer_failure(err: BaseException, rank: int, world_size: int) -> str:
+    """The one-line story of a lost peer, from the side of the rank that noticed it."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    nodes = _rank_nodes if len(_rank_nodes) == world_size else ["?"] * world_size
+    others = ", ".join(f"{r} on {nodes[r]}" for r in range(world_size) if r != rank)
+    return (
+        f"rank {rank} of {world_size} on node {node_name()}: another rank (of {others}) died "
+        f"or stopped answering: {first}"
+    )
 
 
 def is_distributed() -> bool:

@@ -46,6 +46,7 @@ def main(args: argparse.Namespace) -> None:
             arch=args.arch,
             patch_size=args.patch_size,
             checkpoint_key=args.checkpoint_key,
+            pos_embed_interpolation=args.pos_embed_interpolation,
             device=args.device,
         )
     except (CheckpointError, FileNotFoundError, OSError, ValueError) as err:

@@ -64,6 +64,7 @@ def main(args: argparse.Namespace) -> None:
             arch=args.arch,
             patch_size=args.patch_size,
             checkpoint_key=args.checkpoint_key,
+            pos_embed_interpolation=args.pos_embed_interpolation,
             threshold=args.threshold,
             query_patches=args.query_patches,
             bias_images=args.bias_images,

@@ -139,3 +139,60 @@ def test_forward_makes_no_host_sync(monkeypatch):
         model.get_intermediate_layers(images[0], n=2)
         model.get_patch_tokens(images[0])
         model.get_attention_maps(images[0])
+
+
+# (height, width) in pixels: the sizes of the issue, and non-square inputs.
+RESAMPLE_SIZES = [(96, 96), (160, 160), (224, 224), (448, 448), (160, 96), (96, 224)]
+
+
+@pytest.mark.parametrize("height, width", RESAMPLE_SIZES)
+def test_timm_weights_give_timm_outputs_at_every_size(height, width):
+    """Our ViT and timm's own VisionTransformer, same weights, any input size: same tokens."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    torch.manual_seed(0)
+    ours = build_backbone("vit_t", img_size=224, patch_size=16, depth=1).eval()
+    with torch.no_grad():
+        ours.pos_embed.normal_()  # a rough embedding, so that the resampling rule shows
+    theirs = TimmViT(
+        img_size=224, patch_size=16, embed_dim=192, depth=1, num_heads=3, num_classes=0,
+        dynamic_img_size=True,
+    ).eval()  # fmt: skip
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    image = torch.randn(2, 3, height, width)
+    with torch.no_grad():
+        ours_out, theirs_out = ours.forward_features(image), theirs.forward_features(image)
+    torch.testing.assert_close(ours_out, theirs_out, rtol=0, atol=2e-5)
+    grid = (height // 16, width // 16)
+    if grid != (14, 14):  # the rule matters: plain bicubic (no antialias) is visibly off
+        native = ours.pos_embed[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+        plain = torch.nn.functional.interpolate(native, size=grid, mode="bicubic")
+        resampled = ours.interpolate_pos_embed(grid)[:, 1:]
+        assert (plain.flatten(2).transpose(1, 2) - resampled).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("height, width", RESAMPLE_SIZES)
+def test_dino_rule_samples_at_n_plus_a_tenth_over_n0(height, width):
+    model = build_backbone("locatvit_t", img_size=224, patch_size=16, depth=1)
+    model.pos_embed_interpolation = "dino"
+    grid = (height // 16, width // 16)
+    out = model.interpolate_pos_embed(grid)
+    assert out.shape == (1, 1 + grid[0] * grid[1], 192)
+    assert torch.equal(out[:, 0], model.pos_embed[:, 0])
+    native = model.pos_embed[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    if grid == (14, 14):
+        assert out is model.pos_embed
+        return
+    scaled = torch.nn.functional.interpolate(
+        native, scale_factor=((grid[0] + 0.1) / 14, (grid[1] + 0.1) / 14), mode="bicubic"
+    )
+    assert torch.equal(out[:, 1:], scaled.flatten(2).transpose(1, 2))
+    model.pos_embed_interpolation = "timm"
+    assert not torch.allclose(model.interpolate_pos_embed(grid), out, atol=1e-4)
+
+
+def test_unknown_pos_embed_rule_is_a_clear_error():
+    with pytest.raises(ValueError, match="pos_embed_interpolation 'nearest': choose from timm"):
+        build_backbone(
+            "vit_t", img_size=32, patch_size=8, depth=1, pos_embed_interpolation="nearest"
+        )

@@ -119,3 +119,33 @@ def test_wrong_flags_are_clear_errors(tmp_path, reference):
         load_pretrained_backbone(tmp_path / "inconsistent.pth")
     with pytest.raises(CheckpointError, match="not found"):
         load_pretrained_backbone(tmp_path / "missing.pth")
+
+
+def test_dino_trained_checkpoints_get_dinos_pos_embed_rule_unless_forced(tmp_path, reference):
+    model = reference[0]
+    dino = {
+        "teacher": training_state(model, prefix="module.backbone."),
+        "args": argparse.Namespace(arch="locatvit_t", patch_size=8, dist_url="env://"),
+    }
+    torch.save(dino, tmp_path / "dino.pth")
+    ours = {"teacher": training_state(model), "args": {"arch": "locatvit_t", "patch_size": 8}}
+    save_checkpoint(ours, tmp_path / "ours.pth")
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    images = torch.randn(1, 3, 48, 48)  # a 6x6 grid: the embedding is resampled from 4x4
+    outputs = {}
+    for name, forced, expected in [
+        ("dino", "auto", "dino"),
+        ("ours", "auto", "timm"),
+        ("bare", "auto", "timm"),
+        ("dino", "timm", "timm"),
+        ("ours", "dino", "dino"),
+    ]:
+        loaded, info = load_pretrained_backbone(
+            tmp_path / f"{name}.pth", image_size=48, pos_embed_interpolation=forced
+        )
+        assert loaded.pos_embed_interpolation == info["pos_embed_interpolation"] == expected
+        with torch.no_grad():
+            outputs[name, forced] = loaded(images)
+    torch.testing.assert_close(outputs["dino", "timm"], outputs["ours", "auto"])
+    torch.testing.assert_close(outputs["ours", "dino"], outputs["dino", "auto"])
+    assert not torch.allclose(outputs["dino", "auto"], outputs["ours", "auto"], atol=1e-4)

@@ -108,3 +108,60 @@ def test_slurm_node_list_parsing():
     assert parse_first_host("node[003-005,009],cpu1") == "node003"
     assert parse_first_host("login1,login2") == "login1"
     assert parse_first_host("host") == "host"
+
+
+PEER_SCRIPT = """
+import os, sys, torch
+from dino_locat.distributed import all_reduce_sum, describe_peer_failure, init_distributed
+from dino_locat.distributed import is_peer_failure
+env, _ = init_distributed()
+if env.rank == 1:
+    os._exit(9)  # dies without a word, as a killed process does
+try:
+    for _ in range(1000):
+        all_reduce_sum(torch.ones(4))
+except RuntimeError as err:
+    print("peer failure:", is_peer_failure(err), describe_peer_failure(err, 0, 2), flush=True)
+"""
+
+
+def rank_env(rank: int, port: str, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def test_a_dead_rank_is_named_not_waited_for():
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PEER_SCRIPT],
+            env=rank_env(rank, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    out = procs[0].communicate(timeout=300)[0]
+    procs[1].communicate(timeout=60)
+    assert procs[1].returncode == 9
+    host = socket.gethostname()
+    assert f"peer failure: True rank 0 of 2 on node {host}: another rank (of 1 on {host})" in out
+
+
+def test_a_rank_that_never_comes_times_out_with_its_name():
+    env = rank_env(0, str(free_port()), DINO_LOCAT_DIST_TIMEOUT_S="2")
+    script = "from dino_locat.distributed import init_distributed; init_distributed()"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+    assert "DistributedError: rank 0 of 2 on node" in proc.stderr
+    assert "within 2 s (DINO_LOCAT_DIST_TIMEOUT_S)" in proc.stderr

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Start a real one-node SLURM cluster on localhost (facts: /work/shared/SLURM.md), so that the
-# launcher tests submit real sbatch jobs. Needs root and apt; no systemd, no cgroups.
+# Start a real two-node SLURM cluster on localhost (facts: /work/shared/SLURM.md), so that the
+# launcher tests submit real sbatch jobs, multi-node ones included. Needs root and apt; no
+# systemd, no cgroups. The nodes n1 and n2 are two slurmd daemons on this host (own ports,
+# spool dirs, logs), both with every CPU of the host and two fake GPUs (GRES gpu:2, character
+# devices under $RUN_DIR) so that --ngpus is scheduled as on a GPU cluster; the jobs themselves
+# see no CUDA device and run on CPU (gloo). The node names resolve to 127.0.0.1 (/etc/hosts).
 #
 #   .ci/slurm/start.sh      install (first time), write configs, start the daemons, wait for idle
 #   .ci/slurm/stop.sh       stop them again (by the PIDs in $RUN_DIR/*.pid)
 #
 # Partitions: "debug" (default, PriorityTier=1, GraceTime=20) and "high" (PriorityTier=2): a job
-# in "high" preempts (requeues) one in "debug", which receives SIGUSR2 first.
+# in "high" preempts (requeues) one in "debug", which receives SIGUSR2 first. SlurmdTimeout=10:
+# a node whose slurmd stops answering is DOWN within ~10 s (its batch jobs are requeued, see
+# JobRequeue) and is back (ReturnToService=2) as soon as its slurmd registers again.
 # Idempotent: exits at once when a slurmctld already answers.
 set -euo pipefail
 
@@ -14,6 +20,8 @@ RUN_DIR=${DINO_SLURM_RUN_DIR:-/run/dino_locat-slurm}
 LOG_DIR=/var/log/slurm
 CLUSTER=dinolocat
 HOST=$(hostname -s)
+NODES=(n1 n2)
+GPUS_PER_NODE=2
 
 log() { echo "[slurm-ci] $*"; }
 
@@ -64,26 +72,41 @@ write_configs() {
   cores=$(sed -n 's/.* CoresPerSocket=\([0-9]*\).*/\1/p' <<<"$hw")
   threads=$(sed -n 's/.* ThreadsPerCore=\([0-9]*\).*/\1/p' <<<"$hw")
   mem=$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
-  mkdir -p /etc/slurm "$RUN_DIR" "$LOG_DIR" /var/spool/slurmctld /var/spool/slurmd
+  mkdir -p /etc/slurm "$RUN_DIR" "$LOG_DIR" /var/spool/slurmctld
+  local node gpu
+  : >/etc/slurm/gres.conf.new
+  echo "AutoDetect=off" >>/etc/slurm/gres.conf.new
+  for node in "${NODES[@]}"; do
+    mkdir -p "/var/spool/slurmd-$node"
+    for gpu in $(seq 0 $((GPUS_PER_NODE - 1))); do
+      # a character device of its own name per fake GPU (SLURM rejects regular files)
+      [ -c "$RUN_DIR/$node-gpu$gpu" ] || mknod "$RUN_DIR/$node-gpu$gpu" c 1 3
+      echo "NodeName=$node Name=gpu File=$RUN_DIR/$node-gpu$gpu" >>/etc/slurm/gres.conf.new
+    done
+  done
+  mv /etc/slurm/gres.conf.new /etc/slurm/gres.conf
   cat >/etc/slurm/slurm.conf <<EOF
-# Written by dino_locat .ci/slurm/start.sh: a one-node test cluster on localhost.
+# Written by dino_locat .ci/slurm/start.sh: a two-node test cluster on localhost.
 ClusterName=$CLUSTER
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 AuthInfo=cred_expire=5
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd-%n
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
-SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmdPidFile=$RUN_DIR/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
+SlurmdTimeout=10
+JobRequeue=1
+GresTypes=gpu
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=1
 SelectType=select/cons_tres
@@ -95,7 +118,8 @@ PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
 KillWait=10
 MinJobAge=60
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus Boards=1 SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem State=UNKNOWN
+NodeName=n1 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17001 CPUs=$cpus Boards=1 SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem Gres=gpu:$GPUS_PER_NODE State=UNKNOWN
+NodeName=n2 NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17002 CPUs=$cpus Boards=1 SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem Gres=gpu:$GPUS_PER_NODE State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES PriorityTier=1 GraceTime=20 MaxTime=INFINITE State=UP
 PartitionName=high Nodes=ALL PriorityTier=2 PreemptMode=OFF MaxTime=INFINITE State=UP
 EOF
@@ -140,13 +164,26 @@ start_daemons() {
   slurmctld
   wait_for 30 slurmctld bash -c "scontrol ping | grep -q 'is UP'"
 
-  log "starting slurmd"
-  slurmd -N "$HOST"
-  wait_for 60 "node $HOST to be idle" bash -c "sinfo -h -N -o %t | grep -qx idle"
+  local node
+  for node in "${NODES[@]}"; do
+    log "starting slurmd for node $node"
+    slurmd -N "$node"
+  done
+  wait_for 60 "nodes ${NODES[*]} to be idle" \
+    bash -c "[ \"\$(sinfo -h -N -t idle -o %N | sort -u | wc -l)\" = ${#NODES[@]} ]"
   wait_for 30 "accounting (sacct)" sacct -n -X
+}
+
+resolve_node_names() {
+  # Real clusters resolve node names through DNS; here both names mean this host.
+  local node
+  for node in "${NODES[@]}"; do
+    getent hosts "$node" >/dev/null || echo "127.0.0.1 $node  # dino_locat test cluster" >>/etc/hosts
+  done
 }
 
 install_packages
 write_configs
+resolve_node_names
 start_daemons
 log "cluster $CLUSTER is up: $(sinfo -h -o '%P %a %D %t' | tr '\n' ';')"

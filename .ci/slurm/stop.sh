@@ -24,6 +24,9 @@ stop_one() { # stop_one NAME
   rm -f "$file"
 }
 
-for daemon in slurmd slurmctld slurmdbd mariadb munged; do
+for file in "$RUN_DIR"/slurmd-*.pid; do # one slurmd per node (slurmd-n1.pid, slurmd-n2.pid)
+  [ -e "$file" ] && stop_one "$(basename "$file" .pid)"
+done
+for daemon in slurmctld slurmdbd mariadb munged; do
   stop_one "$daemon"
 done

@@ -26,6 +26,7 @@ def frozen_backbone(
         patch_size=args.patch_size,
         checkpoint_key=args.checkpoint_key,
         image_size=image_size or args.image_size,
+        pos_embed_interpolation=args.pos_embed_interpolation,
     )
     stat = Path(info["checkpoint"]).stat()
     info["weights_file"] = [str(Path(info["checkpoint"]).resolve()), stat.st_size, stat.st_mtime_ns]
@@ -33,7 +34,8 @@ def frozen_backbone(
     key = "" if info["checkpoint_key"] is None else f" ({info['checkpoint_key']})"
     print(
         f"backbone: {info['arch']} depth {info['depth']}, patch {info['patch_size']}, "
-        f"evaluated at {info['image_size']} px, from {info['checkpoint']}{key}{epoch}",
+        f"evaluated at {info['image_size']} px (position embedding resampled as "
+        f"{info['pos_embed_interpolation']}), from {info['checkpoint']}{key}{epoch}",
         flush=True,
     )
     return model.to(device), info

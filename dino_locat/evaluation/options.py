@@ -17,7 +17,7 @@ import torch
 from dino_locat.checkpoint import CheckpointError
 from dino_locat.data.fashion_mnist import DatasetMissingError
 from dino_locat.data.segmentation import SegmentationDataError
-from dino_locat.models import ARCH_NAMES
+from dino_locat.models import ARCH_NAMES, POS_EMBED_INTERPOLATIONS
 
 
 class EvaluationInputError(ValueError):
@@ -82,6 +82,14 @@ def add_backbone_args(
             default=None,
             help=input_size_help,
         )
+    group.add_argument(
+        "--pos_embed_interpolation",
+        choices=("auto", *POS_EMBED_INTERPOLATIONS),
+        default="auto",
+        help="how the position embedding is resampled to the evaluation size: timm (bicubic "
+        "with antialias, as timm), dino (DINO's bicubic at scale (n + 0.1) / n0, no "
+        "antialias); auto: dino for checkpoints trained with DINO's code, else timm",
+    )
 
 
 def add_run_args(parser: argparse.ArgumentParser, batch_size: int) -> None:

@@ -77,6 +77,11 @@ def make_executor(
         "gpus_per_node": ngpus or None,
     }
     if cluster == "slurm":
+        # --requeue: a job whose node fails is put back in the queue by SLURM (the job
+        # resumes from its checkpoint), whatever the cluster's JobRequeue default is.
+        extra: dict[str, Any] = {"requeue": True}
+        if dependency:
+            extra["kill-on-invalid-dep"] = "yes"
         params.update(
             slurm_partition=args.partition,
             slurm_account=args.slurm_account,
@@ -85,7 +90,7 @@ def make_executor(
             slurm_comment=args.slurm_comment,
             slurm_signal_delay_s=signal_delay_s,
             slurm_dependency=dependency,
-            slurm_additional_parameters={"kill-on-invalid-dep": "yes"} if dependency else None,
+            slurm_additional_parameters=extra,
         )
     executor.update_parameters(**params)
     return executor

@@ -121,10 +121,25 @@ def follow(job: submitit.Job[Any]) -> int:
         return 130
     for watcher in watchers:
         watcher.pump()
-    error = job.exception()
+    task, error = first_error(job)
     if error is None:
         print(f"[launch] job {job.job_id} finished", flush=True)
         return 0
-    print(f"[launch] job {job.job_id} failed: {_last_error_line(str(error))}", file=sys.stderr)
-    print(f"[launch] {describe(job)}", file=sys.stderr, flush=True)
+    which = f" (rank {task})" if job.num_tasks > 1 else ""
+    print(
+        f"[launch] job {job.job_id} failed{which}: {_last_error_line(str(error))}", file=sys.stderr
+    )
+    print(f"[launch] {describe(job.task(task) if which else job)}", file=sys.stderr, flush=True)
     return 1
+
+
+def first_error(job: submitit.Job[Any]) -> tuple[int, Exception | None]:
+    """(rank, error) of the task whose failure explains the job's, or (0, None) if none failed.
+
+    A rank that raised comes before one that merely stopped without a result (which is what
+    the other ranks do when one of them dies), so the user sees the cause, not its echo.
+    """
+    errors = [(task, job.task(task).exception()) for task in range(job.num_tasks)]
+    failed = [(task, error) for task, error in errors if error is not None]
+    raised = [item for item in failed if isinstance(item[1], submitit.core.utils.FailedJobError)]
+    return (raised or failed or [(0, None)])[0]

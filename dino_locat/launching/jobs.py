@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import submitit
+import torch
+
+from dino_locat.distributed import describe_peer_failure, is_peer_failure, node_name
 
 
 def export_distributed_env() -> None:
@@ -25,6 +29,15 @@ def export_distributed_env() -> None:
     )
 
 
+def use_allocated_cpus() -> None:
+    """One intra-op thread per CPU that SLURM gave this task (``SLURM_CPUS_PER_TASK``),
+    unless ``OMP_NUM_THREADS`` is set: without CPU binding, torch would start a thread per
+    core of the whole host in every task, and the ranks of a node would fight over cores."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(int(cpus))
+
+
 class ResumableJob:
     """Runs ``entry(args)`` in every task of a submitit job.
 
@@ -33,6 +46,12 @@ class ResumableJob:
     the requeued run calls ``entry`` again, which continues from ``resume_from`` when
     ``entry`` auto-resumes (DINO training does, from ``output_dir/checkpoint.pth``, written
     atomically, so a kill mid-save leaves the previous one intact); other jobs start over.
+
+    Every rank says in its own log (``JOBID_RANK_log.out``) where it runs, and an error is
+    tagged with the rank and node that raised it. When a node dies, SLURM requeues the job
+    (sbatch ``--requeue``, which the launcher sets); the ranks that survived it only see a
+    failed collective, so under SLURM they exit without writing a result: a result file
+    would make the job look finished while SLURM restarts it.
     """
 
     def __init__(
@@ -48,13 +67,30 @@ class ResumableJob:
     def __call__(self) -> Any:
         env = submitit.JobEnvironment()
         export_distributed_env()
-        if env.global_rank == 0:
-            print(
-                f"[launch] job {env.job_id}: {env.num_tasks} task(s) on {env.num_nodes} node(s), "
-                f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-                flush=True,
-            )
-        return self.entry(self.args)
+        use_allocated_cpus()
+        where = f"rank {env.global_rank} of {env.num_tasks} on node {node_name()}"
+        print(
+            f"[launch] job {env.job_id}: {where} (local rank {env.local_rank}, "
+            f"{env.num_nodes} node(s), {torch.get_num_threads()} thread(s)), master "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            flush=True,
+        )
+        try:
+            return self.entry(self.args)
+        except Exception as err:
+            if env.num_tasks > 1 and is_peer_failure(err):
+                message = describe_peer_failure(err, env.global_rank, env.num_tasks)
+                print(f"[launch] {message}", file=sys.stderr, flush=True)
+                if env.cluster == "slurm":
+                    print(
+                        f"[launch] {where}: exiting without a result; if a node failed, SLURM "
+                        "requeues the job and the next run resumes from its last checkpoint",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    raise SystemExit(1) from err
+            err.add_note(f"[launch] raised by {where} of job {env.job_id}")
+            raise
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2: requeue this same job (see the class docstring)."""

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from timm.models import register_model
 from torch import Tensor, nn
 
@@ -20,6 +21,12 @@ from dino_locat.models.biased_attention import gaussian_biased_attention
 from dino_locat.models.locality import GAug, dense_bias, patch_representation_refinement
 
 Grid = tuple[int, int]
+# How the position embedding is resampled to another patch grid:
+#   timm: bicubic with antialias to the target size (timm.layers.resample_abs_pos_embed), so
+#         timm weights give timm's outputs at every input size;
+#   dino: DINO's own rule, bicubic without antialias at scale factor (n + 0.1) / n0 per axis,
+#         the numbers that checkpoints trained with DINO's code were evaluated with.
+POS_EMBED_INTERPOLATIONS = ("timm", "dino")
 
 
 class DropPath(nn.Module):
@@ -176,10 +183,17 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
         locality: bool = False,
+        pos_embed_interpolation: str = "timm",
     ) -> None:
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
+            raise ValueError(
+                f"pos_embed_interpolation {pos_embed_interpolation!r}: choose from "
+                f"{', '.join(POS_EMBED_INTERPOLATIONS)}"
+            )
+        self.pos_embed_interpolation = pos_embed_interpolation
         self.img_size = img_size
         self.patch_size = patch_size
         self.embed_dim = self.num_features = embed_dim
@@ -215,13 +229,22 @@ class VisionTransformer(nn.Module):
 
     # -- tokens -------------------------------------------------------------------------
     def interpolate_pos_embed(self, grid: Grid) -> Tensor:
-        """Positional embedding for ``grid``: bicubic resize of the native patch grid."""
+        """Positional embedding for ``grid``, resampled from the native patch grid by the rule
+        in ``pos_embed_interpolation`` (see ``POS_EMBED_INTERPOLATIONS``); shapes only, no
+        host sync."""
         if grid == self.native_grid:
             return self.pos_embed
+        if self.pos_embed_interpolation == "timm":
+            return resample_abs_pos_embed(
+                self.pos_embed, list(grid), list(self.native_grid), self.num_prefix_tokens
+            )
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         h0, w0 = self.native_grid
         patch_pos = patch_pos.reshape(1, h0, w0, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+        # DINO's rule: +0.1 so that floor(n0 * scale) is n despite rounding; the kernel then
+        # samples at this scale, not at n / n0.
+        scale = ((grid[0] + 0.1) / h0, (grid[1] + 0.1) / w0)
+        patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic")
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
 
     def prepare_tokens(self, x: Tensor) -> tuple[Tensor, Grid]:

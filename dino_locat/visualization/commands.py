@@ -34,6 +34,7 @@ def visualize_checkpoint(
     query_patches: Sequence[Patch] | None = None,
     bias_images: int | None = 1,
     device: str = "cpu",
+    pos_embed_interpolation: str = "auto",
 ) -> list[Path]:
     """Write the locality PNGs of a checkpoint's backbone for image files or the test split.
 
@@ -41,7 +42,7 @@ def visualize_checkpoint(
     figures are made for the first ``bias_images`` images (None: all).
     """
     model, info = load_pretrained_backbone(
-        pretrained_weights, arch, patch_size, checkpoint_key, image_size
+        pretrained_weights, arch, patch_size, checkpoint_key, image_size, pos_embed_interpolation
     )
     batch = load_images(images, num_images, info["image_size"], data_path)
     result = locality_figures(
@@ -75,6 +76,7 @@ def plot_gaug_trends(
     patch_size: int | None = None,
     checkpoint_key: str = "teacher",
     device: str = "cpu",
+    pos_embed_interpolation: str = "auto",
 ) -> list[Path]:
     """Plot mean var/alpha per block against epoch for a run (``gaug_trends.png/.json``).
 
@@ -101,7 +103,9 @@ def plot_gaug_trends(
         def batch(native_size: int) -> torch.Tensor:
             return load_images(images, num_images, image_size or native_size, data_path)
 
-        trends = trends_from_checkpoints(run_dir, batch, arch, patch_size, checkpoint_key, device)
+        trends = trends_from_checkpoints(
+            run_dir, batch, arch, patch_size, checkpoint_key, device, pos_embed_interpolation
+        )
     written = write_trends(trends, output_dir)
     for path in written:
         print(f"[gaug_trends] wrote {path}")

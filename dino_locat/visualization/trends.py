@@ -69,6 +69,7 @@ def trends_from_checkpoints(
     patch_size: int | None = None,
     checkpoint_key: str = "teacher",
     device: str | torch.device = "cpu",
+    pos_embed_interpolation: str = "auto",
 ) -> GaugTrends:
     """Run each checkpoint's backbone on one fixed batch and average var/alpha per block.
 
@@ -83,7 +84,9 @@ def trends_from_checkpoints(
     cap, batch = None, None
     progress = Progress(files, len(files), header="[gaug_trends] checkpoints", print_freq=1)
     for path in progress:
-        model, info = load_pretrained_backbone(path, arch, patch_size, checkpoint_key)
+        model, info = load_pretrained_backbone(
+            path, arch, patch_size, checkpoint_key, pos_embed_interpolation=pos_embed_interpolation
+        )
         epoch = info["epoch"]
         if epoch is None:
             raise CheckpointError(f"{path} has no 'epoch' entry: not a training checkpoint")
