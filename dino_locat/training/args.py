@@ -52,8 +52,8 @@ EMBEDDED_PRESET: dict[str, Any] = {
     "subset": 2048,
     "vis_freq": 2,
     "knn_freq": 1,
-    "knn_train_images": 2000,
-    "knn_test_images": 1000,
+    "knn_train_images": 700,
+    "knn_test_images": 500,
 }
 
 

@@ -47,6 +47,10 @@ SWEEP_FLAGS = (
 )
 
 
+# Flags added after some runs were made: their value in those runs.
+LATER_FLAG_DEFAULTS = {"momentum_teacher_end": 1.0}
+
+
 @dataclass
 class RunCurve:
     name: str
@@ -91,9 +95,8 @@ def read_run(run_dir: str | os.PathLike, name: str | None = None) -> RunCurve:
     history = list(online.get("history") or [])
     if not history:
         raise ValueError(f"{path} holds no online k-NN history (trained with --knn_freq 0?)")
-    return RunCurve(
-        name or Path(run_dir).name, checkpoint_args(ckpt), history, online.get("raw_pixels")
-    )
+    args = {**LATER_FLAG_DEFAULTS, **checkpoint_args(ckpt)}
+    return RunCurve(name or Path(run_dir).name, args, history, online.get("raw_pixels"))
 
 
 def differing_flags(runs: Sequence[RunCurve]) -> dict[str, dict[str, Any]]:
