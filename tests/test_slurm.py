@@ -32,6 +32,7 @@ import torch
 from conftest import tiny_training_argv
 
 from dino_locat.checkpoint import load_checkpoint
+from dino_locat.launching.follow import finished
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
@@ -108,8 +109,9 @@ def sacct_times(job_id: str) -> tuple[str, str, str]:
 
 
 def wait_done(job: submitit.Job, limit_s: float = JOB_LIMIT_S) -> None:
+    """Until the job is over, as the launcher's --wait sees it (requeued = not over)."""
     deadline = time.monotonic() + limit_s
-    while not job.done(force_check=True):
+    while not finished(job, force_check=True):
         if time.monotonic() > deadline:
             cancel_if_queued(job.job_id)
             pytest.fail(
