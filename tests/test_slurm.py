@@ -386,7 +386,7 @@ def test_a_node_crash_requeues_the_job_which_resumes_to_the_same_weights(layouts
     err = job.task(0).stderr()
     assert "rank 0 of 2 on node n1: another rank (of 1 on n2) died or stopped answering" in err
     assert "exiting without a result" in err
-    log = job.stdout()
+    log = job.task(0).stdout()
     resumed_at = int(re.search(r"\(resuming at epoch (\d+)\)", log)[1])
     assert 1 <= resumed_at < TWO_NODE_FLAGS["epochs"], log
     assert log.count("[launch] job") == 2, "rank 0 did not run exactly twice"
