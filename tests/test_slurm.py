@@ -32,6 +32,7 @@ import torch
 from conftest import tiny_training_argv
 
 from dino_locat.checkpoint import load_checkpoint
+from dino_locat.launching.follow import finished
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
@@ -108,8 +109,9 @@ def sacct_times(job_id: str) -> tuple[str, str, str]:
 
 
 def wait_done(job: submitit.Job, limit_s: float = JOB_LIMIT_S) -> None:
+    """Until the job is over, as the launcher's --wait sees it (requeued = not over)."""
     deadline = time.monotonic() + limit_s
-    while not job.done(force_check=True):
+    while not finished(job, force_check=True):
         if time.monotonic() > deadline:
             cancel_if_queued(job.job_id)
             pytest.fail(
@@ -384,7 +386,7 @@ def test_a_node_crash_requeues_the_job_which_resumes_to_the_same_weights(layouts
     err = job.task(0).stderr()
     assert "rank 0 of 2 on node n1: another rank (of 1 on n2) died or stopped answering" in err
     assert "exiting without a result" in err
-    log = job.stdout()
+    log = job.task(0).stdout()
     resumed_at = int(re.search(r"\(resuming at epoch (\d+)\)", log)[1])
     assert 1 <= resumed_at < TWO_NODE_FLAGS["epochs"], log
     assert log.count("[launch] job") == 2, "rank 0 did not run exactly twice"

@@ -71,6 +71,40 @@ class QueueState:
             self.last = state
 
 
+# squeue states of a job that will still run (or is running): e.g. requeued after NODE_FAIL,
+# while sacct, which submitit reads, already reports how the last run ended.
+QUEUED_STATES = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+}
+
+
+def finished(job: submitit.Job[Any], force_check: bool = False) -> bool:
+    """submitit's ``done()``, except that a SLURM job SLURM has put back in the queue (a
+    node failed under it and it was requeued) is not finished yet."""
+    if not job.done(force_check=force_check):
+        return False
+    if not isinstance(job, submitit.SlurmJob):
+        return True
+    try:
+        state = subprocess.run(
+            ["squeue", "-h", "-j", job.job_id, "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return state not in QUEUED_STATES
+
+
 def describe(job: submitit.Job[Any]) -> str:
     """One line saying which job this is and where its log files are."""
     paths = job.paths
@@ -103,7 +137,7 @@ def follow(job: submitit.Job[Any]) -> int:
     if isinstance(job, submitit.SlurmJob):
         watchers.append(QueueState(job.job_id))
     try:
-        while not job.done():
+        while not finished(job):
             for watcher in watchers:
                 watcher.pump()
             time.sleep(POLL_S)
