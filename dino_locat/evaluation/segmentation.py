@@ -18,7 +18,7 @@ from matplotlib import colormaps
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dino_locat.checkpoint import plain_args, save_checkpoint
+from dino_locat.checkpoint import plain_args
 from dino_locat.data.segmentation import (
     IGNORE_INDEX,
     LAYOUTS,
@@ -27,8 +27,14 @@ from dino_locat.data.segmentation import (
     SegmentationTransform,
     collate_keep_masks,
 )
+from dino_locat.distributed import sum_over_ranks
 from dino_locat.evaluation.backbone import frozen_backbone
-from dino_locat.evaluation.features import FrozenBatches, feature_bytes, patch_feature_map
+from dino_locat.evaluation.features import (
+    FrozenBatches,
+    feature_bytes,
+    patch_feature_map,
+    shard_dataset,
+)
 from dino_locat.evaluation.metrics import ConfusionMatrix, iou_table
 from dino_locat.evaluation.options import (
     add_backbone_args,
@@ -159,7 +165,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "Frozen-backbone semantic segmentation (linear-style head on patch tokens)",
         add_help=add_help,
     )
-    add_backbone_args(parser)
+    add_backbone_args(parser, compilable=True)
     add_run_args(parser, batch_size=32)
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -268,7 +274,7 @@ def run_segmentation(args: argparse.Namespace) -> dict[str, Any]:
         header="train feature maps",
     )
     val_loader = DataLoader(
-        val_set,
+        shard_dataset(val_set),
         batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers,
         collate_fn=collate_keep_masks,
@@ -278,6 +284,7 @@ def run_segmentation(args: argparse.Namespace) -> dict[str, Any]:
     report = Report(output_dir, "segmentation")
     train_segmentation_head(head, train, epochs, args.lr, args.weight_decay, report)
     confusion, picture = evaluate_segmentation(model, head, val_loader, len(classes), device)
+    confusion.counts = sum_over_ranks(confusion.counts)  # each rank scored its shard
     iou = confusion.iou()
     print(iou_table(iou, classes))
     miou, accuracy = confusion.mean_iou(), confusion.pixel_accuracy()
@@ -288,7 +295,7 @@ def run_segmentation(args: argparse.Namespace) -> dict[str, Any]:
         report.writer.add_image(
             "segmentation/image_truth_prediction", picture, global_step=epochs, dataformats="HWC"
         )
-    head_path = save_checkpoint(
+    head_path = report.save_checkpoint(
         {
             "head": head.state_dict(),
             "classes": classes,
