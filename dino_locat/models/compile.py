@@ -1,8 +1,12 @@
-"""torch.compile of each transformer block, in place.
+"""torch.compile of each transformer block (its attention and its MLP), in place.
 
-Why per block: the blocks of a ViT are alike, so the compiler traces one block graph per
-input shape and every block reuses it (compile time does not grow with depth), and the
-rest of the model (patch embedding, PRR, the DINO head, the loss) stays eager. Why in place
+Why per block: the blocks of a ViT are alike, so the compiler traces one graph per input
+shape and every block reuses it (compile time does not grow with depth), and the rest of
+the model (patch embedding, PRR, the DINO head, the loss) stays eager. Why the attention
+and the MLP rather than the whole block: they hold all the work (GAug, the biased
+attention function, GELU), while the block's stochastic depth has a different rate in
+every block, which the compiler would specialise on (a graph per block, past its
+recompile limit). Why in place
 (``nn.Module.compile``): the module tree and its ``state_dict`` keys are untouched, so a
 checkpoint of a compiled model has no ``_orig_mod.`` prefixes and loads into an
 uncompiled one (and :func:`strip_compile_prefix` takes care of files that have them).
@@ -30,7 +34,8 @@ def compile_blocks(model: nn.Module) -> int:
     if not blocks:
         raise ValueError(f"--compile: {type(model).__name__} holds no transformer blocks")
     for block in blocks:
-        block.compile(dynamic=False)
+        block.attn.compile(dynamic=False)
+        block.mlp.compile(dynamic=False)
     return len(blocks)
 
 
