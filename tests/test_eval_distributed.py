@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dino_locat.distributed import shard_bounds
 from dino_locat.evaluation.features import load_features
 from dino_locat.models import build_backbone
 
@@ -55,6 +56,16 @@ def run(args: list[str], processes: int = 1, env: dict[str, str] | None = None):
     if result.returncode != 0:
         raise AssertionError(f"{args} on {processes} failed:\n{result.stderr[-3000:]}")
     return result
+
+
+def test_shards_cover_every_item_once_in_order():
+    for total in (0, 1, 5, 21, 64):
+        for world in (1, 2, 3, 8):
+            bounds = [shard_bounds(total, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+            sizes = [stop - start for start, stop in bounds]
+            assert max(sizes) - min(sizes) <= 1
 
 
 @pytest.fixture(scope="module")
