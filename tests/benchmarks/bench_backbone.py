@@ -235,7 +235,7 @@ def main(args: argparse.Namespace) -> None:
                 ("vit+compile", "vit"),
                 ("locatvit[ours]+compile", "locatvit[ours]"),
             ]
-        for name, base in pairs:
+        for name, base in dict.fromkeys(pairs):
             time_ratio = statistics.median(
                 a / b for a, b in zip(times[name], times[base], strict=True)
             )
