@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from dino_locat.models import build_backbone, canonical_arch
+from dino_locat.models.compile import COMPILE_PREFIX
 
 
 class CheckpointError(RuntimeError):
@@ -130,7 +131,8 @@ def extract_backbone_state(ckpt: Any, checkpoint_key: str = "teacher") -> dict[s
 
     Accepted: our training checkpoints and official DINO ones (``teacher``/``student``
     holding ``module.``/``backbone.``-prefixed keys), a bare backbone state_dict, and timm
-    state_dicts (the classifier ``head.`` is dropped).
+    state_dicts (the classifier ``head.`` is dropped); ``_orig_mod.`` (torch.compile
+    wrappers) is dropped wherever it appears.
     """
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"expected a dict of weights, got {type(ckpt).__name__}")
@@ -148,6 +150,7 @@ def extract_backbone_state(ckpt: Any, checkpoint_key: str = "teacher") -> dict[s
     for key, value in state.items():
         if not isinstance(value, Tensor):
             continue
+        key = key.replace(COMPILE_PREFIX, "")
         for prefix in ("module.", "backbone."):
             if key.startswith(prefix):
                 key = key[len(prefix) :]

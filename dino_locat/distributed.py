@@ -19,12 +19,15 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
+T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
 # What gloo/NCCL/the rendezvous store say when another rank has gone away or stopped answering.
 PEER_FAILURE_MARKS = (
@@ -146,8 +149,15 @@ def resolve_environment(env: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
-def init_distributed(env: DistEnv | None = None) -> tuple[DistEnv, torch.device]:
-    """Join the process group (if more than one process) and pick this rank's device."""
+def init_distributed(
+    env: DistEnv | None = None, timeout: float | None = None
+) -> tuple[DistEnv, torch.device]:
+    """Join the process group (if more than one process) and pick this rank's device.
+
+    ``timeout`` (seconds; default :func:`timeout_s`) bounds the wait for the other ranks, at
+    start-up and in every collective afterwards, so a rank that died turns into an error on
+    the others instead of a hang.
+    """
     env = resolve_environment() if env is None else env
     if torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
@@ -155,7 +165,7 @@ def init_distributed(env: DistEnv | None = None) -> tuple[DistEnv, torch.device]
     else:
         device = torch.device("cpu")
     if env.world_size > 1 and not dist.is_initialized():
-        limit = timeout_s()
+        limit = timeout_s() if timeout is None else timeout
         address = f"tcp://{env.master_addr}:{env.master_port}"
         try:
             dist.init_process_group(
@@ -209,3 +219,86 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def shard_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of ``rank``'s contiguous share of ``total`` items; shards differ in size
+    by at most one, and concatenated in rank order they are the items in order."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def collective(what: str, call: Callable[[], T]) -> T:
+    """Run a collective; a failure names this rank and what it was doing."""
+    try:
+        return call()
+    except RuntimeError as err:
+        raise DistributedError(
+            f"rank {rank()} of {world_size()}: {what} failed; another rank probably died or "
+            f"did not answer within the timeout ({str(err).splitlines()[0] if str(err) else err})"
+        ) from err
+
+
+def _comm_device() -> torch.device:
+    """Where tensors must live for the process group's backend (nccl: this GPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(tensor: Tensor, to_all: bool = False) -> Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0 in rank order (row counts may differ).
+
+    ``to_all=False``: the result lands on rank 0 only and the other ranks get an empty
+    (0-row) tensor of the same trailing shape, so a big result is held once. The result is
+    on the CPU. A single process gets ``tensor`` back.
+    """
+    if not is_distributed():
+        return tensor
+    device = _comm_device()
+    count = torch.tensor([tensor.shape[0]], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world_size())]
+    collective("exchanging row counts", lambda: dist.all_gather(counts, count))
+    sizes = [int(c) for c in counts]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]), device=device)
+    padded[: tensor.shape[0]] = tensor
+    if to_all:
+        parts = [torch.empty_like(padded) for _ in sizes]
+        collective("gathering results", lambda: dist.all_gather(parts, padded))
+    else:
+        parts = [torch.empty_like(padded) for _ in sizes] if is_main_process() else None
+        collective("gathering results on rank 0", lambda: dist.gather(padded, parts, dst=0))
+        if parts is None:
+            return tensor.new_empty((0, *tensor.shape[1:]), device="cpu")
+    return torch.cat([part[:size].cpu() for part, size in zip(parts, sizes, strict=True)])
+
+
+def broadcast_object(value: T) -> T:
+    """Rank 0's ``value`` on every rank (so that all ranks take the same decision)."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    collective("sharing a decision of rank 0", lambda: dist.broadcast_object_list(holder, src=0))
+    return holder[0]
+
+
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over all ranks, on ``tensor``'s device (counts kept on the CPU
+    travel through the GPU under nccl)."""
+    if not is_distributed():
+        return tensor
+    total = tensor.to(_comm_device(), copy=True)
+    collective("summing over ranks", lambda: dist.all_reduce(total))
+    return total.to(tensor.device)

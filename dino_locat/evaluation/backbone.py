@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dino_locat.checkpoint import load_pretrained_backbone
+from dino_locat.models.compile import compile_blocks
 
 
 def frozen_backbone(
@@ -18,7 +19,8 @@ def frozen_backbone(
     """Backbone from ``--pretrained_weights`` (flags checked against it), on ``device``.
 
     ``info`` also carries a fingerprint of the weights file (path, size, mtime), so that
-    cached features are reused only for the very same checkpoint.
+    cached features are reused only for the very same checkpoint. ``--compile`` compiles
+    each block (the numbers may differ from eager ones in the last float bits).
     """
     model, info = load_pretrained_backbone(
         args.pretrained_weights,
@@ -38,4 +40,7 @@ def frozen_backbone(
         f"{info['pos_embed_interpolation']}), from {info['checkpoint']}{key}{epoch}",
         flush=True,
     )
-    return model.to(device), info
+    model = model.to(device)
+    if getattr(args, "compile", False):
+        print(f"--compile: {compile_blocks(model)} blocks compiled with torch.compile", flush=True)
+    return model, info

@@ -6,6 +6,10 @@ the last block as a feature map (segmentation) or L2-normalised, one row per pat
 (Hummingbird retrieval). ``feature_batches`` runs any of them over a loader in batches
 without autograd, with progress and ETA; ``extract_features`` fills one preallocated tensor
 from it; ``cached_features`` keeps the result on disk keyed by a fingerprint.
+
+Under torchrun (or SLURM) ``extract_features`` shards: each rank embeds its contiguous share
+of the dataset and the shares are gathered in dataset order, so the features, and every
+number computed from them, are those of one process.
 """
 
 from __future__ import annotations
@@ -18,9 +22,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 
 from dino_locat.checkpoint import load_checkpoint, plain_args, save_checkpoint
+from dino_locat.distributed import (
+    broadcast_object,
+    gather_rows,
+    is_distributed,
+    is_main_process,
+    rank,
+    shard_bounds,
+    world_size,
+)
 from dino_locat.logging import Progress
 
 Embed = Callable[[nn.Module, Tensor], Tensor]
@@ -91,6 +104,30 @@ def feature_batches(
         print(progress.summary(), flush=True)
 
 
+def shard_dataset(dataset: Dataset) -> Dataset:
+    """This rank's contiguous share of ``dataset`` (the dataset itself in one process)."""
+    if not is_distributed():
+        return dataset
+    start, stop = shard_bounds(len(dataset), rank(), world_size())
+    return Subset(dataset, range(start, stop))
+
+
+def shard_loader(loader: DataLoader) -> DataLoader:
+    """The same loader over this rank's share of its dataset (in-order loaders only)."""
+    if not is_distributed():
+        return loader
+    if not isinstance(loader.sampler, SequentialSampler):
+        raise ValueError("sharded feature extraction needs an in-order (unshuffled) loader")
+    return DataLoader(
+        shard_dataset(loader.dataset),
+        batch_size=loader.batch_size,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        generator=loader.generator,  # workers' seeds drawn as one process would draw them
+    )
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -99,16 +136,41 @@ def extract_features(
     device: torch.device | str = "cpu",
     header: str = "features",
     verbose: bool = True,
+    to_all_ranks: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Run ``embed`` over every (image, target) batch of ``loader``.
 
     Returns (features (N, ...) float32, targets (N, ...) int64), both on the CPU in loader
     order; targets are class labels or, for segmentation, masks. ``verbose`` prints
-    progress with ETA and a summary line.
+    progress with ETA and a summary line. With several processes each embeds its shard and
+    all get the whole result, or, with ``to_all_ranks=False``, only rank 0 does and the
+    others get empty (0-row) tensors.
     """
+    features, targets = _extract_shard(
+        model, shard_loader(loader), embed, device, header, verbose
+    )
+    if is_distributed():
+        features = gather_rows(features, to_all_ranks)
+        targets = gather_rows(targets, to_all_ranks)
+        if is_main_process() and len(features) != len(loader.dataset):
+            raise RuntimeError(f"{header}: gathered {len(features)} of {len(loader.dataset)}")
+    return features, targets
+
+
+def _extract_shard(
+    model: nn.Module,
+    loader: DataLoader,
+    embed: Embed,
+    device: torch.device | str,
+    header: str,
+    verbose: bool,
+) -> tuple[Tensor, Tensor]:
+    """``extract_features`` of one process over its (possibly empty) loader."""
     total = len(loader.dataset)
     features: Tensor | None = None
     targets: Tensor | None = None
+    if world_size() > 1:
+        header = f"{header} [rank {rank()}/{world_size()}: {total} items]"
     start = 0
     for out, batch_targets in feature_batches(model, loader, embed, device, header, verbose):
         batch_targets = torch.as_tensor(batch_targets)
@@ -118,9 +180,39 @@ def extract_features(
         features[start : start + len(out)] = out
         targets[start : start + len(out)] = batch_targets
         start += len(out)
-    if features is None or targets is None or start != total:
+    if start != total:
         raise RuntimeError(f"{header}: the loader gave {start} of {total} items")
+    if features is None or targets is None:
+        if not is_distributed():
+            raise RuntimeError(f"{header}: the dataset is empty")
+        features, targets = _empty_like_first(model, loader.dataset, embed, device)
     return features, targets
+
+
+@torch.no_grad()
+def _empty_like_first(
+    model: nn.Module, dataset: Dataset, embed: Embed, device: torch.device | str
+) -> tuple[Tensor, Tensor]:
+    """0-row features/targets of the right trailing shape, for a rank with an empty shard
+    (more ranks than items): the gather needs every rank's shape."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    image, target = base[0]
+    out = embed(model, image[None].to(device)).float().cpu()
+    target = torch.as_tensor(target)
+    return out.new_empty((0, *out.shape[1:])), torch.empty((0, *target.shape), dtype=torch.long)
+
+
+def embed_sharded(embed: Embed, model: nn.Module, images: Tensor) -> Tensor:
+    """``embed`` of one batch, each rank computing its rows, every rank getting them all
+    (the per-epoch path of augmented training, where no features are cached)."""
+    if not is_distributed():
+        return embed(model, images)
+    start, stop = shard_bounds(len(images), rank(), world_size())
+    if start == stop:
+        part = embed(model, images[:1])[:0]
+    else:
+        part = embed(model, images[start:stop])
+    return gather_rows(part, to_all=True).to(images.device, part.dtype)
 
 
 class FrozenBatches:
@@ -168,7 +260,8 @@ class FrozenBatches:
         if self.cached is None:
             for images, targets in self.loader:
                 with torch.no_grad():
-                    features = self.embed(self.model, images.to(self.device, non_blocking=True))
+                    images = images.to(self.device, non_blocking=True)
+                    features = embed_sharded(self.embed, self.model, images)
                 yield features.float(), torch.as_tensor(targets).to(self.device)
             return
         features, targets = self.cached
@@ -212,16 +305,23 @@ def cached_features(
 ) -> tuple[Tensor, Tensor]:
     """``compute()``, or its earlier result stored at ``path`` if made with the same
     ``fingerprint`` (checkpoint, image size, split, subset ...). No caching when path is
-    None; a stale file is recomputed and replaced."""
+    None; a stale file is recomputed and replaced. With several processes rank 0 alone
+    reads and writes the file, and reused features are returned on rank 0 only (the
+    other ranks get empty tensors), as ``compute`` does with ``to_all_ranks=False``."""
     fingerprint = plain_args(fingerprint)
-    if path is not None and Path(path).is_file():
-        features, labels, info = load_features(path)
-        if info.get("fingerprint") == fingerprint:
-            print(f"reusing features from {path}", flush=True)
-            return features, labels
-        print(f"{path} was made from other inputs: recomputing it", flush=True)
+    stored = None
+    if is_main_process() and path is not None and Path(path).is_file():
+        stored = load_features(path)
+        if stored[2].get("fingerprint") != fingerprint:
+            print(f"{path} was made from other inputs: recomputing it", flush=True)
+            stored = None
+    if broadcast_object(stored is not None):
+        if stored is None:  # another rank: rank 0 alone holds the reused features
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
+        print(f"reusing features from {path}", flush=True)
+        return stored[0], stored[1]
     features, labels = compute()
-    if path is not None:
+    if path is not None and is_main_process():
         save_features(path, features, labels, {"fingerprint": fingerprint})
         print(f"features written to {path}", flush=True)
     return features, labels

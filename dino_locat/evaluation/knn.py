@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from dino_locat.checkpoint import CheckpointError, load_checkpoint
 from dino_locat.data.transforms import eval_transform
+from dino_locat.distributed import is_main_process
 from dino_locat.evaluation.backbone import frozen_backbone
 from dino_locat.evaluation.features import (
     cached_features,
@@ -49,6 +51,11 @@ QUERY_BATCH = 4096
 # Embedded default (Fashion-MNIST train/test): about a minute for a ViT-S at 32 px on 2 idle cores.
 EMBEDDED_SIZES = (10000, 2000)
 FEATURE_FILES = {"train": "train_features.pth", "test": "test_features.pth"}
+# DINO's eval_knn.py --dump_features: four bare tensors, features already L2-normalised.
+DINO_FEATURE_FILES = {
+    "train": ("trainfeat.pth", "trainlabels.pth"),
+    "test": ("testfeat.pth", "testlabels.pth"),
+}
 
 
 def _as_float32(x: Tensor | np.ndarray) -> np.ndarray:
@@ -170,7 +177,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "Weighted k-NN evaluation of a frozen backbone (DINO protocol)", add_help=add_help
     )
-    add_backbone_args(parser, required=False)
+    add_backbone_args(parser, required=False, compilable=True)
     add_subset_args(parser, *EMBEDDED_SIZES)
     add_run_args(parser, batch_size=128)
     group = parser.add_argument_group("k-NN")
@@ -189,12 +196,40 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument(
         "--load_features",
         default=None,
-        help="evaluate features saved by --dump_features in DIR (no backbone is loaded)",
+        help="evaluate features saved by --dump_features in DIR, ours or those of DINO's "
+        "eval_knn.py (trainfeat.pth, testfeat.pth, trainlabels.pth, testlabels.pth); no "
+        "backbone is loaded",
     )
     return parser
 
 
+def _dino_dump(folder: Path) -> dict[str, tuple[Tensor, Tensor]]:
+    """The features and labels DINO's eval_knn.py dumped in ``folder``, checked for shape."""
+    loaded = {}
+    for split, names in DINO_FEATURE_FILES.items():
+        tensors = []
+        for name in names:
+            try:
+                tensor = load_checkpoint(folder / name)
+            except CheckpointError as err:
+                raise EvaluationInputError(f"--load_features {folder}: {err}") from err
+            if not isinstance(tensor, Tensor):
+                raise EvaluationInputError(f"--load_features: {folder / name} is not a tensor")
+            tensors.append(tensor)
+        features, labels = tensors
+        if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
+            raise EvaluationInputError(
+                f"--load_features {folder}: {names[0]} {tuple(features.shape)} and {names[1]} "
+                f"{tuple(labels.shape)} are not (N, D) features with N labels"
+            )
+        loaded[split] = (features.float(), labels.long())
+    return loaded
+
+
 def _features_from_disk(folder: Path) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Any]]:
+    if not (folder / FEATURE_FILES["train"]).is_file() and (folder / "trainfeat.pth").is_file():
+        print(f"{folder}: features dumped by DINO's eval_knn.py", flush=True)
+        return _dino_dump(folder), {"data": f"DINO feature dump in {folder}"}
     loaded, info = {}, {}
     for split, name in FEATURE_FILES.items():
         path = folder / name
@@ -235,7 +270,7 @@ def _features_from_backbone(
         )
         path = Path(args.dump_features) / FEATURE_FILES[split] if args.dump_features else None
         compute = partial(
-            extract_features, model, loader, normalized_cls, device, f"{split} features"
+            extract_features, model, loader, normalized_cls, device, f"{split} features", False
         )
         features[split] = cached_features(path, {**described, "split": split}, compute)
     return features, described
@@ -254,6 +289,8 @@ def run_knn(args: argparse.Namespace) -> dict[str, Any]:
         output_dir = default_output_dir(args, "knn")
     else:
         raise EvaluationInputError("give --pretrained_weights CHECKPOINT (or --load_features DIR)")
+    if not is_main_process():
+        return {}  # rank 0 holds the gathered features and runs the search
     (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
     classes = described.get("classes") or [str(i) for i in range(int(train_y.max()) + 1)]
     used = effective_ks(args.nb_knn, len(train_y))

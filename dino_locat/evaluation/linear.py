@@ -17,6 +17,7 @@ import argparse
 import copy
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import transforms
 
-from dino_locat.checkpoint import plain_args, save_checkpoint
+from dino_locat.checkpoint import load_checkpoint, plain_args
 from dino_locat.data.transforms import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from dino_locat.evaluation.backbone import frozen_backbone
 from dino_locat.evaluation.features import (
@@ -244,7 +245,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "Linear probe of a frozen backbone: a grid of heads trained in one pass",
         add_help=add_help,
     )
-    add_backbone_args(parser)
+    add_backbone_args(parser, compilable=True)
     add_subset_args(parser, *EMBEDDED_SIZES)
     add_run_args(parser, batch_size=128)
     group = parser.add_argument_group("linear probe")
@@ -306,12 +307,26 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="class folders (same classes as train) to choose the head on instead; the "
         "whole training split is then trained on",
     )
+    group.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="no training: evaluate the head saved by an earlier run (--pretrained_linear) on "
+        "the evaluation split",
+    )
+    group.add_argument(
+        "--pretrained_linear",
+        default=None,
+        help="head file for --evaluate (default: the linear_head.pth that training wrote in "
+        "--output_dir); results go to its evaluate/ sub-folder",
+    )
     return parser
 
 
 def run_linear(args: argparse.Namespace) -> dict[str, Any]:
     """Train the grid of heads, choose on held-out data, test the chosen heads once."""
     check_positive(args, "n_last_blocks", "lrs", "epochs", "batch_size_per_gpu", "val_freq")
+    if args.evaluate:
+        return evaluate_saved_head(args)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model, info = frozen_backbone(args, device)
@@ -424,7 +439,7 @@ def run_linear(args: argparse.Namespace) -> dict[str, Any]:
         }
         report.scalar(f"test_top1/{name}", test["top1"], epochs)
     selected, protocol_head = outcome["selected"], outcome["dino_protocol"]
-    head_path = save_checkpoint(
+    head_path = report.save_checkpoint(
         {
             "head": chosen["selected"].state,
             "spec": {k: selected[k] for k in ("n_last_blocks", "avgpool_patchtokens", "lr")},
@@ -467,6 +482,76 @@ def run_linear(args: argparse.Namespace) -> dict[str, Any]:
         },
         "head_file": str(head_path),
         "heads_held_out": records,
+    }
+    report.finish(results)
+    return results
+
+
+def evaluate_saved_head(args: argparse.Namespace) -> dict[str, Any]:
+    """``--evaluate``: top-1/top-5 of a saved head on the evaluation split, nothing trained
+    (results in ``<output_dir>/evaluate``, beside the training run's).
+
+    The head file says which features it reads (n_last_blocks, avgpool) and which classes
+    it predicts; both are checked against the backbone and the data before evaluating.
+    """
+    output_dir = default_output_dir(args, "linear")
+    path = Path(args.pretrained_linear or output_dir / "linear_head.pth")
+    saved = load_checkpoint(path)
+    try:
+        spec = HeadSpec(**saved["spec"])
+        state, saved_classes = saved["head"], list(saved["classes"])
+    except (KeyError, TypeError) as err:
+        raise EvaluationInputError(
+            f"--pretrained_linear {path}: not a head saved by eval/linear.py ({err!r} missing)"
+        ) from err
+    device = resolve_device(args.device)
+    model, info = frozen_backbone(args, device)
+    if spec.n_last_blocks > info["depth"]:
+        raise EvaluationInputError(
+            f"--pretrained_linear {path} reads {spec.n_last_blocks} blocks; the backbone has "
+            f"{info['depth']}"
+        )
+    transform = eval_transform(info["image_size"])
+    splits = classification_splits(
+        args.data_path, transform, transform, args.train_subset, args.test_subset, EMBEDDED_SIZES
+    )
+    if list(splits.classes) != saved_classes:
+        raise EvaluationInputError(
+            f"--pretrained_linear {path} predicts {len(saved_classes)} classes "
+            f"({', '.join(saved_classes[:5])} ...), the data has {len(splits.classes)} "
+            f"({', '.join(list(splits.classes)[:5])} ...)"
+        )
+    heads = LinearHeads([spec], info["embed_dim"], len(saved_classes))
+    try:
+        heads.heads[0].load_state_dict(state)
+    except RuntimeError as err:
+        raise EvaluationInputError(
+            f"--pretrained_linear {path} does not fit {info['arch']} features: {err}"
+        ) from err
+    print(f"evaluating head {spec.name} from {path} on {splits.description}", flush=True)
+    embed = partial(stacked_linear_features, n_last_blocks=spec.n_last_blocks)
+    batches = FrozenBatches(
+        model,
+        splits.test,
+        embed,
+        device,
+        args.batch_size_per_gpu,
+        args.num_workers,
+        cache=True,
+        shuffle=False,
+        header="test features",
+    )
+    accuracy = evaluate_heads(heads.to(device), batches)[0]
+    top5 = "-" if accuracy["top5"] is None else f"{accuracy['top5']:.2f}%"
+    print(f"{spec.name}: top-1 {accuracy['top1']:.2f}%  top-5 {top5}", flush=True)
+    report = Report(output_dir / "evaluate", "linear_evaluate")
+    results = {
+        "evaluation": "linear_evaluate",
+        **{k: info[k] for k in ("checkpoint", "checkpoint_key", "arch", "epoch", "image_size")},
+        "data": splits.description,
+        "head_file": str(path),
+        "head": spec.name,
+        **accuracy,
     }
     report.finish(results)
     return results

@@ -1,22 +1,28 @@
 """Flags shared by the three evaluators, defined once, and their command-line entry wrapper.
 
 Names follow DINO's evaluation scripts (``--pretrained_weights --checkpoint_key --arch
---patch_size --batch_size_per_gpu --num_workers --data_path --output_dir``).
+--patch_size --batch_size_per_gpu --num_workers --data_path --output_dir``). The wrapper
+joins the process group when started by torchrun/SLURM (several ranks share the work;
+rank 0 alone prints and writes results) and turns user errors into one line naming the rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from dino_locat.checkpoint import CheckpointError
 from dino_locat.data.fashion_mnist import DatasetMissingError
 from dino_locat.data.segmentation import SegmentationDataError
+from dino_locat.distributed import DEFAULT_TIMEOUT_S, DistributedError, init_distributed
 from dino_locat.models import ARCH_NAMES, POS_EMBED_INTERPOLATIONS
 
 
@@ -38,11 +44,13 @@ def add_backbone_args(
     required: bool = True,
     weights: bool = True,
     input_size_help: str | None = None,
+    compilable: bool = False,
 ) -> None:
     """Which backbone to load and at what size (``weights=False``: the checkpoint is implied,
     e.g. by a run folder, and only the checks and the image size are asked). With
     ``input_size_help`` the size is the protocol's, not the checkpoint's, and is also
-    spelled ``--input_size`` as in that protocol's own tools."""
+    spelled ``--input_size`` as in that protocol's own tools; ``compilable``: the command
+    runs the backbone through ``frozen_backbone``, which honours ``--compile``."""
     group = parser.add_argument_group("backbone")
     if weights:
         group.add_argument(
@@ -90,6 +98,13 @@ def add_backbone_args(
         "with antialias, as timm), dino (DINO's bicubic at scale (n + 0.1) / n0, no "
         "antialias); auto: dino for checkpoints trained with DINO's code, else timm",
     )
+    if compilable:
+        group.add_argument(
+            "--compile",
+            action="store_true",
+            help="torch.compile each transformer block (pays off on long extractions; the "
+            "first batches of each input shape wait for the compiler)",
+        )
 
 
 def add_run_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
@@ -111,6 +126,20 @@ def add_run_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
         help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)",
     )
     group.add_argument("--seed", type=int, default=0, help="subset and training seed (0)")
+    group.add_argument(
+        "--dist_timeout",
+        type=float,
+        default=None,
+        help="under torchrun: seconds a rank waits for the others before failing "
+        f"(default: $DINO_LOCAT_DIST_TIMEOUT_S, else {DEFAULT_TIMEOUT_S:g})",
+    )
+    launcher = parser.add_argument_group(
+        "DINO launcher flags (accepted and ignored: ranks come from torchrun's environment)"
+    )
+    launcher.add_argument(
+        "--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help="ignored"
+    )
+    launcher.add_argument("--dist_url", default=None, help="ignored")
 
 
 def add_subset_args(parser: argparse.ArgumentParser, train: int, test: int) -> None:
@@ -170,10 +199,43 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
             raise EvaluationInputError(f"--{name} must be positive, got {value}")
 
 
+def note_launcher_flags(args: argparse.Namespace) -> None:
+    """Say that DINO's launcher flags are ignored, and why that is harmless."""
+    for flag, name in (("--local_rank", "local_rank"), ("--dist_url", "dist_url")):
+        value = getattr(args, name, None)
+        if value is not None:
+            print(
+                f"note: {flag} {value} ignored: the rank, world size and address come from the "
+                "environment that torchrun (or torch.distributed.launch, or SLURM) sets",
+                flush=True,
+            )
+
+
 def run_cli(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
-    """Run an evaluator; a user error prints one clear line and exits with status 2."""
+    """Run an evaluator on this process; a user error prints one clear line and exits with
+    status 2.
+
+    Under torchrun every rank runs ``run`` (the feature extraction is sharded), only rank 0
+    prints to stdout; errors go to stderr prefixed with the rank that saw them.
+    """
+    where = "error"
     try:
-        return run(args)
+        env, _ = init_distributed(timeout=getattr(args, "dist_timeout", None))
+        if env.world_size > 1:
+            where = f"error (rank {env.rank} of {env.world_size})"
+        with ExitStack() as stack:
+            if not env.is_main:
+                stack.enter_context(redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            note_launcher_flags(args)
+            if env.world_size > 1:
+                print(f"{env.world_size} processes ({env.source}): extraction is sharded")
+            return run(args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{where}: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+    except DistributedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,4 +1,7 @@
-"""Where evaluation results go: stdout, an atomically written JSON file, TensorBoard."""
+"""Where evaluation results go: stdout, an atomically written JSON file, TensorBoard.
+
+With several processes only rank 0 writes: on the others a Report records nothing.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dino_locat.checkpoint import save_checkpoint
+from dino_locat.distributed import is_main_process
 from dino_locat.logging import tensorboard_writer
 
 
@@ -30,20 +35,37 @@ def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     return path
 
 
+class _Unwritten:
+    """What a Report of a rank other than 0 has for a TensorBoard writer: every call is
+    accepted and dropped, so evaluators log the same way on every rank."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 class Report:
     """One evaluation's outputs under ``output_dir``: results.json and tensorboard/."""
 
     def __init__(self, output_dir: str | os.PathLike, name: str) -> None:
         self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.name = name
-        self.writer = tensorboard_writer(self.output_dir)
+        self.writes = is_main_process()
+        self.writer: Any = _Unwritten()
+        if self.writes:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = tensorboard_writer(self.output_dir)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(f"{self.name}/{tag}", value, global_step=step)
 
+    def save_checkpoint(self, state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+        """Save a trained head (or any state) as the checkpoint module does, on rank 0."""
+        return save_checkpoint(state, path) if self.writes else Path(path)
+
     def finish(self, results: Mapping[str, Any]) -> Path:
         """Write results.json and flush TensorBoard; returns the JSON path."""
+        if not self.writes:
+            return self.output_dir / "results.json"
         self.writer.add_text(f"{self.name}/results", f"```\n{json.dumps(results, indent=2)}\n```")
         self.writer.close()
         path = write_json_atomic(self.output_dir / "results.json", results)

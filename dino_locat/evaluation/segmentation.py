@@ -31,7 +31,7 @@ from matplotlib import colormaps
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dino_locat.checkpoint import plain_args, save_checkpoint
+from dino_locat.checkpoint import plain_args
 from dino_locat.data.segmentation import (
     IGNORE_INDEX,
     LAYOUTS,
@@ -43,8 +43,14 @@ from dino_locat.data.segmentation import (
     collate_keep_masks,
     detect_layout,
 )
+from dino_locat.distributed import sum_over_ranks
 from dino_locat.evaluation.backbone import frozen_backbone
-from dino_locat.evaluation.features import FrozenBatches, feature_bytes, patch_feature_map
+from dino_locat.evaluation.features import (
+    FrozenBatches,
+    feature_bytes,
+    patch_feature_map,
+    shard_dataset,
+)
 from dino_locat.evaluation.metrics import ConfusionMatrix, iou_table
 from dino_locat.evaluation.options import (
     EvaluationInputError,
@@ -285,7 +291,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "Frozen-backbone semantic segmentation (linear-style head on patch tokens)",
         add_help=add_help,
     )
-    add_backbone_args(parser)
+    add_backbone_args(parser, compilable=True)
     add_run_args(parser, batch_size=32)
     add_segmentation_data_args(parser)
     head = parser.add_argument_group("head training")
@@ -414,7 +420,7 @@ def _fast_protocol(
         header="train feature maps",
     )
     val_loader = DataLoader(
-        val_set,
+        shard_dataset(val_set),
         batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers,
         collate_fn=collate_keep_masks,
@@ -456,7 +462,10 @@ def _paper_protocol(
         generator=torch.Generator().manual_seed(args.seed),
     )
     val_loader = DataLoader(
-        val_set, batch_size=1, num_workers=args.num_workers, collate_fn=collate_keep_masks
+        shard_dataset(val_set),
+        batch_size=1,
+        num_workers=args.num_workers,
+        collate_fn=collate_keep_masks,
     )
     head = PaperSegmentationHead(info["embed_dim"], len(classes)).to(device)
     weight_decay = 0.01 if args.weight_decay is None else args.weight_decay
@@ -506,6 +515,7 @@ def run_segmentation(args: argparse.Namespace) -> dict[str, Any]:
     model, info, head, val_loader, classes, details = protocol(args, device, report)
     step = details.get("epochs") or details["iterations"]
     confusion, picture = evaluate_segmentation(model, head, val_loader, len(classes), device)
+    confusion.counts = sum_over_ranks(confusion.counts)  # each rank scored its shard
     iou = confusion.iou()
     print(iou_table(iou, classes))
     metrics = {
@@ -524,7 +534,7 @@ def run_segmentation(args: argparse.Namespace) -> dict[str, Any]:
         report.writer.add_image(
             "segmentation/image_truth_prediction", picture, global_step=step, dataformats="HWC"
         )
-    head_path = save_checkpoint(
+    head_path = report.save_checkpoint(
         {
             "head": head.state_dict(),
             "protocol": args.protocol,

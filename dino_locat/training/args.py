@@ -107,6 +107,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument(
         "--drop_path_rate", type=float, default=0.1, help="stochastic depth (default: 0.1)"
     )
+    model.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each transformer block of student and teacher (checkpoints "
+        "keep plain keys; a compiled run resumes exactly like an eager one)",
+    )
 
     temp = parser.add_argument_group("teacher temperature")
     temp.add_argument(

@@ -35,6 +35,7 @@ from dino_locat.data.transforms import MultiCropAugmentation, eval_transform
 from dino_locat.distributed import DistEnv, all_reduce_sum, init_distributed, is_distributed
 from dino_locat.logging import Progress, append_json_line, format_duration, tensorboard_writer
 from dino_locat.models import build_backbone
+from dino_locat.models.compile import compile_blocks, strip_compile_prefix
 from dino_locat.models.head import DINOHead, MultiCropWrapper
 from dino_locat.training.args import resolve_args
 from dino_locat.training.loss import DINOLoss
@@ -122,6 +123,9 @@ class DinoTrainer:
         student, teacher = build_student_teacher(args)
         self.student = student.to(device)
         self.teacher = teacher.to(device)
+        if getattr(args, "compile", False):
+            compile_blocks(self.student)
+            compile_blocks(self.teacher)
         self.student_step = self.student
         if is_distributed():
             ids = [device.index] if device.type == "cuda" else None
@@ -178,8 +182,8 @@ class DinoTrainer:
                     f"{getattr(self.args, key)!r}; use another --output_dir or the same flags"
                 )
         try:
-            self.student.load_state_dict(ckpt["student"])
-            self.teacher.load_state_dict(ckpt["teacher"])
+            self.student.load_state_dict(strip_compile_prefix(ckpt["student"]))
+            self.teacher.load_state_dict(strip_compile_prefix(ckpt["teacher"]))
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.dino_loss.load_state_dict(ckpt["dino_loss"])
             if self.scaler is not None and "fp16_scaler" in ckpt:

@@ -13,14 +13,19 @@ before the step (parameters resident, gradients cleared). For that pass malloc i
 (mallopt) to hand every block over 64 KiB straight back to the system, so RSS follows the
 tensors that are alive rather than malloc's caches.
 
+With --compile, each model also runs with every block compiled (dino_locat.models.compile,
+as ``--compile`` trains), side by side with its eager self; its compile time (first step
+minus a compiled step) is printed apart from the step times.
+
 Run: python tests/benchmarks/bench_backbone.py [--batch_sizes 4 8] [--pairs 5] [--threads 2]
      [--kernels ours dense] [--device cuda --amp] (on a GPU: time and torch.cuda peak-memory
-     ratios, and the attention kernels each model launches)
+     ratios, and the attention kernels each model launches) [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import statistics
 import time
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dino_locat.models import build_backbone, vision_transformer
+from dino_locat.models.compile import compile_blocks
 from dino_locat.models.locality import dense_bias
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -52,6 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=["ours"],
         choices=["ours", "dense"],
         help="LocAtViT training attention to compare: ours, and/or dense S through SDPA",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also each model with its blocks compiled"
     )
     return parser
 
@@ -164,6 +173,13 @@ def main(args: argparse.Namespace) -> None:
     entries = [("vit", vit, None)] + [
         (f"locatvit[{kernel}]", locat, kernel) for kernel in args.kernels
     ]
+    if args.compile:
+        compiled = {}
+        for name, model in (("vit", vit), ("locatvit", locat)):
+            compiled[name] = copy.deepcopy(model)
+            compile_blocks(compiled[name])
+        entries += [("vit+compile", compiled["vit"], None)]
+        entries += [("locatvit[ours]+compile", compiled["locatvit"], "ours")]
     meter = PeakMemory(device)
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
@@ -183,6 +199,11 @@ def main(args: argparse.Namespace) -> None:
                 print(f"batch {batch:2d} {entry[0]} CUDA attention kernels:")
                 for name in attention_kernels(entry, crops, args.amp):
                     print(f"    {name}")
+        first_step = {
+            entry[0]: timed_step(entry, crops, device, args.amp)
+            for entry in entries
+            if entry[0].endswith("+compile")
+        }
         meter.exact_mode(True)
         peaks = {entry[0]: [] for entry in entries}
         for _ in range(args.pairs):
@@ -201,18 +222,30 @@ def main(args: argparse.Namespace) -> None:
                 f"batch {batch:2d} {name:16s} step {statistics.median(times[name]) * 1000:8.1f} ms"
                 f"  peak +{statistics.median(peaks[name]) / 2**20:8.1f} MiB"
             )
-        for name in list(times)[1:]:
+        for name, first in first_step.items():
+            compile_s = first - statistics.median(times[name])
+            print(
+                f"batch {batch:2d} {name:16s} compile {compile_s:8.1f} s "
+                f"(first step {first:.1f} s)"
+            )
+        pairs = [(name, "vit") for name in list(times)[1:]]
+        if args.compile:
+            pairs += [
+                ("locatvit[ours]+compile", "vit+compile"),
+                ("vit+compile", "vit"),
+                ("locatvit[ours]+compile", "locatvit[ours]"),
+            ]
+        for name, base in dict.fromkeys(pairs):
             time_ratio = statistics.median(
-                a / b for a, b in zip(times[name], times["vit"], strict=True)
+                a / b for a, b in zip(times[name], times[base], strict=True)
             )
             mem_ratio = statistics.median(
-                a / b for a, b in zip(peaks[name], peaks["vit"], strict=True)
+                a / b for a, b in zip(peaks[name], peaks[base], strict=True)
             )
             print(
-                f"batch {batch:2d} ratio {name}/vit: time {time_ratio:.3f}"
+                f"batch {batch:2d} ratio {name}/{base}: time {time_ratio:.3f}"
                 f"  peak memory {mem_ratio:.3f}  (median of {args.pairs} interleaved rounds)"
             )
-
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
