@@ -24,9 +24,7 @@ EPOCHS, STEPS = 2, 4  # 16 images / batch 4
 
 
 def command(out: Path) -> list[str]:
-    argv = tiny_training_argv(
-        out, subset=16, epochs=EPOCHS, local_crops_number=0, seed=5
-    )
+    argv = tiny_training_argv(out, subset=16, epochs=EPOCHS, local_crops_number=0, seed=5)
     return [sys.executable, "-u", "-m", "dino_locat.training", *argv, "--compile"]
 
 
@@ -88,8 +86,9 @@ def test_compiled_run_resumes_exactly_and_saves_plain_keys(tmp_path):
         assert a[key].keys() == b[key].keys()
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), f"{key}.{name}"
-    moved = a["student"]["backbone.blocks.1.attn.gaug.log_var.weight"] - (
-        ckpt["student"]["_orig_mod.backbone.blocks.1.attn.gaug.log_var.weight"]
+    moved = (
+        a["student"]["backbone.blocks.1.attn.gaug.log_var.weight"]
+        - (ckpt["student"]["_orig_mod.backbone.blocks.1.attn.gaug.log_var.weight"])
     )
     assert moved.abs().max() > 0, "epoch 2 changed the weights"
 

@@ -146,9 +146,7 @@ def extract_features(
     all get the whole result, or, with ``to_all_ranks=False``, only rank 0 does and the
     others get empty (0-row) tensors.
     """
-    features, targets = _extract_shard(
-        model, shard_loader(loader), embed, device, header, verbose
-    )
+    features, targets = _extract_shard(model, shard_loader(loader), embed, device, header, verbose)
     if is_distributed():
         features = gather_rows(features, to_all_ranks)
         targets = gather_rows(targets, to_all_ranks)

@@ -225,8 +225,7 @@ def main(args: argparse.Namespace) -> None:
         for name, first in first_step.items():
             compile_s = first - statistics.median(times[name])
             print(
-                f"batch {batch:2d} {name:16s} compile {compile_s:8.1f} s "
-                f"(first step {first:.1f} s)"
+                f"batch {batch:2d} {name:16s} compile {compile_s:8.1f} s (first step {first:.1f} s)"
             )
         pairs = [(name, "vit") for name in list(times)[1:]]
         if args.compile:
@@ -246,6 +245,7 @@ def main(args: argparse.Namespace) -> None:
                 f"batch {batch:2d} ratio {name}/{base}: time {time_ratio:.3f}"
                 f"  peak memory {mem_ratio:.3f}  (median of {args.pairs} interleaved rounds)"
             )
+
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
