@@ -270,7 +270,13 @@ def _features_from_backbone(
         )
         path = Path(args.dump_features) / FEATURE_FILES[split] if args.dump_features else None
         compute = partial(
-            extract_features, model, loader, normalized_cls, device, f"{split} features", False
+            extract_features,
+            model,
+            loader,
+            normalized_cls,
+            device,
+            f"{split} features",
+            to_all_ranks=False,
         )
         features[split] = cached_features(path, {**described, "split": split}, compute)
     return features, described
