@@ -52,7 +52,8 @@ def test_epoch_prints_progress_and_the_next_command(one_epoch_run):
 def test_checkpoint_has_dino_keys_and_loads_with_weights_only(one_epoch_run):
     out, _ = one_epoch_run
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert set(ckpt) == DINO_KEYS  # no fp16_scaler on CPU
+    # DINO's keys (no fp16_scaler on CPU) plus the online k-NN curve and training seconds.
+    assert set(ckpt) == DINO_KEYS | {"online_knn", "train_seconds"}
     assert ckpt["epoch"] == 1 and set(ckpt["dino_loss"]) == {"center"}
     args = ckpt["args"]
     assert (args["arch"], args["patch_size"], args["global_crops_size"]) == ("locatvit_t", 8, 32)
@@ -88,8 +89,10 @@ def test_tensorboard_has_schedules_speed_and_gaug_statistics(one_epoch_run):
     assert any(tag.startswith("locality/") for tag in events.Tags()["images"])
     losses = events.Scalars("train/loss")
     assert [e.step for e in losses] == [0, 1, 2, 3]
-    # At initialisation the student is near-uniform over K prototypes: loss ~ ln K.
-    assert losses[0].value == pytest.approx(math.log(OUT_DIM), rel=0.1)
+    # At initialisation the student is near-uniform over K prototypes: loss ~ ln K, a little
+    # below it because the teacher's temperature (0.04) already sharpens the random cosines
+    # between the bottleneck code and the prototypes (about half their variance, in nats).
+    assert 0.8 * math.log(OUT_DIM) < losses[0].value <= 1.02 * math.log(OUT_DIM)
     var_mean = events.Scalars("gaug/var_mean/block00")[0].value
     assert 0.5 < var_mean < 2.0  # zero logits give var = 1 patch^2 at init
 
