@@ -17,7 +17,6 @@ configs=(
   "t_g --arch locatvit_t --epochs 4 $base --local_crops_number 0 --batch_size_per_gpu 32"
   "s_a --arch locatvit_s $base --local_crops_number 0 --batch_size_per_gpu 32 --subset 4096 --epochs 3"
   "t_h --arch locatvit_t --epochs 4 $base --local_crops_number 0 --batch_size_per_gpu 16"
-  "t_b --arch locatvit_t --epochs 4 $base --momentum_teacher 0.95"
 )
 dirs=()
 for config in "${configs[@]}"; do
