@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -19,7 +20,11 @@ from dino_locat.data.folders import spread_indices
 from dino_locat.models.head import DINOHead
 from dino_locat.training import get_args_parser, main
 from dino_locat.training.loss import DINOLoss
-from dino_locat.training.online_knn import FASHION_MNIST_TRAIN, embedded_bank_indices
+from dino_locat.training.online_knn import (
+    FASHION_MNIST_TRAIN,
+    build_knn_probe,
+    embedded_bank_indices,
+)
 from dino_locat.training.signals import (
     AlarmMonitor,
     LearningSignals,
@@ -118,13 +123,29 @@ def test_head_last_layer_keeps_nn_linear_default_init():
         assert torch.all(layer.bias == 0)
 
 
-def test_bank_is_held_out_from_the_pretraining_subset():
+def test_bank_and_held_out_queries_avoid_the_pretraining_subset_and_each_other():
     used = set(spread_indices(FASHION_MNIST_TRAIN, 2048))
-    bank, overlaps = embedded_bank_indices(2048, 500)
-    assert len(bank) == len(set(bank)) == 500 and not overlaps
+    bank, queries, overlaps = embedded_bank_indices(2048, 500)
+    assert len(bank) == len(set(bank)) == 500 and not overlaps and queries == []
     assert not used & set(bank)
-    everything, overlaps = embedded_bank_indices(0, 500)
-    assert len(everything) == 500 and overlaps
+    bank, queries, overlaps = embedded_bank_indices(2048, 500, 300)
+    assert len(queries) == len(set(queries)) == 300 and not overlaps
+    assert not used & set(queries) and not set(bank) & set(queries)
+    everything, queries, overlaps = embedded_bank_indices(0, 500, 300)
+    assert len(everything) == 500 and overlaps and not set(everything) & set(queries)
+
+
+def test_held_out_train_queries_come_from_the_train_split():
+    args = argparse.Namespace(
+        knn_freq=1, global_crops_size=16, knn_data_path=None, data_path=None, subset=2048,
+        knn_train_images=40, knn_test_images=30, knn_queries="train",
+    )  # fmt: skip
+    probe = build_knn_probe(args)
+    assert probe.splits["queries"].split == "train" and len(probe.splits["queries"]) == 30
+    assert "30 held-out train queries" in probe.description
+    args.knn_test_images = 0
+    with pytest.raises(ValueError, match="--knn_test_images"):
+        build_knn_probe(args)
 
 
 def run(tmp_path, **flags) -> tuple[str, list[dict]]:

@@ -262,6 +262,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         type=int,
         help=_preset_help("knn_test_images", "k-NN queries (test images, 0 = all)"),
     )
+    knn.add_argument(
+        "--knn_queries",
+        choices=("test", "train"),
+        default="test",
+        help="where the queries come from: the test split (val/), or held-out train images "
+        "outside the bank (and, on the embedded data, outside the pretraining subset), so "
+        "that choosing a recipe on the curve never looks at the test split (default: test)",
+    )
     return parser
 
 

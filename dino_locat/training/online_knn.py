@@ -32,20 +32,30 @@ FASHION_MNIST_TRAIN = 60000
 BATCH_SIZE = 256
 
 
-def embedded_bank_indices(subset: int, size: int) -> tuple[list[int], bool]:
-    """``size`` evenly spread Fashion-MNIST train indices outside the pretraining subset.
+def embedded_bank_indices(
+    subset: int, size: int, queries: int = 0
+) -> tuple[list[int], list[int], bool]:
+    """``size`` evenly spread Fashion-MNIST train indices outside the pretraining subset, and
+    ``queries`` more (held-out train queries) outside both.
 
-    Returns (indices, overlaps): with too few images left over (``--subset 0`` trains on
-    all of them), the bank is spread over the whole split and ``overlaps`` is True.
+    Returns (bank, queries, overlaps): with too few images left over (``--subset 0`` trains
+    on all of them), the bank is spread over the whole split, the queries over the rest, and
+    ``overlaps`` is True.
     """
     used = spread_indices(FASHION_MNIST_TRAIN, subset or None)
     if used is None:
         free = np.arange(0)
     else:
         free = np.setdiff1d(np.arange(FASHION_MNIST_TRAIN), np.asarray(used))
-    if len(free) >= size:
-        return [int(free[i]) for i in spread_indices(len(free), size) or range(len(free))], False
-    return spread_indices(FASHION_MNIST_TRAIN, size) or list(range(FASHION_MNIST_TRAIN)), True
+    overlaps = len(free) < size + queries
+    if overlaps:
+        free = np.arange(FASHION_MNIST_TRAIN)
+    bank = [int(free[i]) for i in spread_indices(len(free), size) or range(len(free))]
+    if not queries:
+        return bank, [], overlaps
+    rest = np.setdiff1d(free, np.asarray(bank))
+    held = [int(rest[i]) for i in spread_indices(len(rest), queries) or range(len(rest))]
+    return bank, held, overlaps
 
 
 class KnnProbe:
@@ -101,18 +111,43 @@ def build_knn_probe(args: argparse.Namespace) -> KnnProbe | None:
     if not args.knn_freq:
         return None
     transform = eval_transform(args.global_crops_size)
+    held_out = args.knn_queries == "train"
     if args.knn_data_path is not None:
-        splits = classification_splits(
-            args.knn_data_path, transform, transform, args.knn_train_images, args.knn_test_images
-        )
-        return KnnProbe(splits.train, splits.test, len(splits.classes), splits.description)
+        if held_out:
+            total = args.knn_train_images + args.knn_test_images
+            if not args.knn_train_images or not args.knn_test_images:
+                raise ValueError(
+                    "--knn_queries train needs --knn_train_images and "
+                    "--knn_test_images > 0 (both come from train/)"
+                )
+            splits = classification_splits(
+                args.knn_data_path, transform, transform, total, 1,
+                val_fraction=args.knn_test_images / total,
+            )  # fmt: skip
+            queries_set = splits.val
+        else:
+            splits = classification_splits(
+                args.knn_data_path, transform, transform, args.knn_train_images,
+                args.knn_test_images,
+            )  # fmt: skip
+            queries_set = splits.test
+        return KnnProbe(splits.train, queries_set, len(splits.classes), splits.description)
     if args.data_path is not None:
         return None
-    indices, overlaps = embedded_bank_indices(args.subset, args.knn_train_images)
-    bank = FashionMNIST("train", transform=transform, indices=indices)
-    queries = FashionMNIST(
-        "test", transform=transform, indices=spread_indices(10000, args.knn_test_images)
+    if held_out and not args.knn_test_images:
+        raise ValueError("--knn_queries train needs --knn_test_images > 0")
+    bank_indices, query_indices, overlaps = embedded_bank_indices(
+        args.subset, args.knn_train_images, args.knn_test_images if held_out else 0
     )
+    bank = FashionMNIST("train", transform=transform, indices=bank_indices)
+    if held_out:
+        queries = FashionMNIST("train", transform=transform, indices=query_indices)
+        kind = "held-out train queries"
+    else:
+        queries = FashionMNIST(
+            "test", transform=transform, indices=spread_indices(10000, args.knn_test_images)
+        )
+        kind = "test queries"
     where = (
         "spread over all train images (overlaps the pretraining subset)"
         if overlaps
@@ -122,7 +157,7 @@ def build_knn_probe(args: argparse.Namespace) -> KnnProbe | None:
         bank,
         queries,
         len(FashionMNIST.classes),
-        f"Fashion-MNIST: bank of {len(bank)} train images {where}, {len(queries)} test queries",
+        f"Fashion-MNIST: bank of {len(bank)} train images {where}, {len(queries)} {kind}",
     )
 
 
