@@ -10,7 +10,13 @@ import torch.nn.functional as F
 
 from dino_locat.models import build_backbone
 from dino_locat.models.head import DINOHead, MultiCropWrapper
-from dino_locat.training.args import DINO_DEFAULTS, EMBEDDED_PRESET, get_args_parser, resolve_args
+from dino_locat.training.args import (
+    DINO_DEFAULTS,
+    EMBEDDED_PRESET,
+    STUDY_PRESET,
+    get_args_parser,
+    resolve_args,
+)
 from dino_locat.training.loss import DINOLoss
 from dino_locat.training.optim import (
     clip_gradients_per_tensor,
@@ -157,3 +163,15 @@ def test_preset_fills_only_unset_flags_and_data_path_uses_dino_defaults():
         resolve_args(parser.parse_args(["--local_crops_size", "20"]))
     with pytest.raises(ValueError, match="--arch"):
         resolve_args(parser.parse_args(["--arch", "resnet50"]))
+
+
+def test_study_preset_fills_the_comparison_recipe_and_refuses_data_path():
+    parser = get_args_parser()
+    args, chosen = resolve_args(parser.parse_args(["--preset", "study", "--lr", "0.003"]))
+    assert args.lr == 0.003 and "lr" not in chosen
+    for name, value in STUDY_PRESET.items():
+        if name != "lr":
+            assert getattr(args, name) == value == chosen[name]
+    assert STUDY_PRESET != EMBEDDED_PRESET
+    with pytest.raises(ValueError, match="--preset study"):
+        resolve_args(parser.parse_args(["--preset", "study", "--data_path", "/x"]))

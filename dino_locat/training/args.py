@@ -24,6 +24,9 @@ DINO_DEFAULTS: dict[str, Any] = {
     "epochs": 100,
     "warmup_epochs": 10,
     "momentum_teacher": 0.996,
+    "teacher_temp": 0.04,
+    "freeze_last_layer": 1,
+    "drop_path_rate": 0.1,
     "lr": 0.0005,
     "saveckp_freq": 20,
     "num_workers": 10,
@@ -46,6 +49,9 @@ EMBEDDED_PRESET: dict[str, Any] = {
     "epochs": 3,
     "warmup_epochs": 1,
     "momentum_teacher": 0.99,
+    "teacher_temp": 0.04,
+    "freeze_last_layer": 1,
+    "drop_path_rate": 0.1,
     "lr": 0.002,
     "saveckp_freq": 0,
     "num_workers": 1,
@@ -55,6 +61,23 @@ EMBEDDED_PRESET: dict[str, Any] = {
     "knn_train_images": 700,
     "knn_test_images": 500,
 }
+
+# `--preset study`: the recipe of the backbone comparison (launch/study.py), chosen on the
+# preset sweep's held-out curves (docs/sweep/README.md) for vit_t / locatvit_t.
+STUDY_PRESET: dict[str, Any] = {
+    **EMBEDDED_PRESET,
+    "out_dim": 256,
+    "teacher_temp": 0.02,
+    "lr": 0.01,
+    "freeze_last_layer": 0,
+    "drop_path_rate": 0.0,
+    "local_crops_number": 0,
+    "batch_size_per_gpu": 32,
+    "epochs": 4,
+    "vis_freq": 0,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"main": EMBEDDED_PRESET, "study": STUDY_PRESET}
 
 
 def bool_flag(value: str) -> bool:
@@ -105,7 +128,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="final EMA momentum of the cosine schedule (1.0, DINO's)",
     )
     model.add_argument(
-        "--drop_path_rate", type=float, default=0.1, help="stochastic depth (default: 0.1)"
+        "--drop_path_rate", type=float, help=_preset_help("drop_path_rate", "stochastic depth")
     )
     model.add_argument(
         "--compile",
@@ -118,7 +141,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     temp.add_argument(
         "--warmup_teacher_temp", type=float, default=0.04, help="start of the warm-up (0.04)"
     )
-    temp.add_argument("--teacher_temp", type=float, default=0.04, help="after the warm-up (0.04)")
+    temp.add_argument(
+        "--teacher_temp", type=float, help=_preset_help("teacher_temp", "after the warm-up")
+    )
     temp.add_argument(
         "--warmup_teacher_temp_epochs", type=int, default=0, help="warm-up epochs (0)"
     )
@@ -151,8 +176,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument(
         "--freeze_last_layer",
         type=int,
-        default=1,
-        help="epochs during which the head's last layer is frozen (1)",
+        help=_preset_help("freeze_last_layer", "epochs with the head's last layer frozen"),
     )
     optim.add_argument(
         "--lr",
@@ -207,6 +231,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--subset",
         type=int,
         help=_preset_help("subset", "train on N evenly spread images, 0 = all"),
+    )
+    misc.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="main",
+        help="which CPU preset fills unset flags without --data_path: main (the README job) "
+        "or study (the vit_t / locatvit_t comparison of launch/study.py) (default: main)",
     )
     misc.add_argument(
         "--skip_corrupt", action="store_true", help="skip (and count) unreadable images"
@@ -279,7 +310,12 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str
     Returns the completed copy and the values taken from the preset (for the start-up log).
     """
     args = argparse.Namespace(**vars(args))
-    defaults = DINO_DEFAULTS if args.data_path else EMBEDDED_PRESET
+    if args.data_path and args.preset != "main":
+        raise ValueError(
+            f"--preset {args.preset} sizes the embedded Fashion-MNIST run; with --data_path "
+            "DINO's defaults apply (pass the flags you want instead)"
+        )
+    defaults = DINO_DEFAULTS if args.data_path else PRESETS[args.preset]
     chosen = {}
     for name, value in defaults.items():
         if getattr(args, name, None) is None:

@@ -523,7 +523,8 @@ def describe_run(args: argparse.Namespace, trainer: DinoTrainer, preset: dict[st
     if preset:
         chosen = " ".join(f"--{k} {v}" for k, v in preset.items())
         lines.append(
-            f"No --data_path: CPU-sized Fashion-MNIST preset (any flag overrides it): {chosen}"
+            f"No --data_path: CPU-sized Fashion-MNIST preset '{args.preset}' (any flag "
+            f"overrides it): {chosen}"
         )
     precision = "fp16 autocast" if trainer.scaler is not None else "fp32"
     lines.append(
