@@ -31,7 +31,7 @@ from dino_locat.training.signals import (
     diagnose,
     teacher_entropies,
 )
-from dino_locat.visualization.knn_curves import write_curves
+from dino_locat.visualization.knn_curves import read_run, write_curves
 
 K, BATCH, NCROPS = 64, 32, 4
 
@@ -192,6 +192,13 @@ def test_online_knn_curve_in_console_log_tensorboard_and_checkpoint(tmp_path):
     with Image.open(paths["figure"]) as image:
         assert image.size == (1200, 520)
         assert len(np.unique(np.asarray(image.convert("L")))) > 10  # drawn, not blank
+    logged = [s.step for s in events.Scalars("signals/teacher_entropy")]
+    assert [step for step, _ in read_run(tmp_path / "run").signals["signals/teacher_entropy"]] == (
+        sorted(set(logged))
+    )
+    with Image.open(paths["signals"]) as image:
+        assert image.size == (1500, 460)
+        assert len(np.unique(np.asarray(image.convert("L")))) > 10
 
 
 def test_a_run_with_an_extreme_teacher_temperature_prints_the_uniform_alarm(tmp_path):

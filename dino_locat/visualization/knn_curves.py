@@ -9,11 +9,14 @@ spent so far) and the raw-pixel baseline. This module turns a set of runs into a
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dino_locat.checkpoint import checkpoint_args, load_checkpoint
 from dino_locat.visualization.figures import atomic_write, new_figure, save_png
@@ -51,12 +54,21 @@ SWEEP_FLAGS = (
 LATER_FLAG_DEFAULTS = {"momentum_teacher_end": 1.0}
 
 
+# The learning signals training logs to TensorBoard, and how each is drawn.
+SIGNAL_PANELS = (
+    ("signals/teacher_entropy", "teacher entropy / ln K (1 = uniform)", "lnK"),
+    ("signals/prototypes_in_use", "prototypes in use / K (0 = collapse)", "K"),
+    ("signals/kl_teacher_student", "KL(teacher || student) / ln K", "lnK"),
+)
+
+
 @dataclass
 class RunCurve:
     name: str
     args: dict[str, Any]
     history: list[dict[str, Any]]
     raw_pixels: float | None
+    signals: dict[str, list[tuple[int, float]]] | None = None
 
     @property
     def untrained(self) -> float:
@@ -96,7 +108,24 @@ def read_run(run_dir: str | os.PathLike, name: str | None = None) -> RunCurve:
     if not history:
         raise ValueError(f"{path} holds no online k-NN history (trained with --knn_freq 0?)")
     args = {**LATER_FLAG_DEFAULTS, **checkpoint_args(ckpt)}
-    return RunCurve(name or Path(run_dir).name, args, history, online.get("raw_pixels"))
+    signals = read_signals(Path(run_dir) / "tensorboard")
+    return RunCurve(name or Path(run_dir).name, args, history, online.get("raw_pixels"), signals)
+
+
+def read_signals(log_dir: Path) -> dict[str, list[tuple[int, float]]] | None:
+    """The run's ``signals/*`` scalars as (step, value) lists, or None without event files."""
+    folders = sorted({p.parent for p in log_dir.rglob("events.out.tfevents.*")})
+    series: dict[str, dict[int, float]] = {}
+    for folder in folders:
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag, _, _ in SIGNAL_PANELS:
+            if tag in events.Tags()["scalars"]:
+                values = series.setdefault(tag, {})
+                values.update({e.step: e.value for e in events.Scalars(tag)})
+    if not series:
+        return None
+    return {tag: sorted(values.items()) for tag, values in series.items()}
 
 
 def differing_flags(runs: Sequence[RunCurve]) -> dict[str, dict[str, Any]]:
@@ -165,10 +194,36 @@ def plot_knn_curves(runs: Sequence[RunCurve], path: str | os.PathLike, title: st
     return save_png(fig, path)
 
 
+def plot_signal_curves(runs: Sequence[RunCurve], path: str | os.PathLike, title: str = "") -> Path:
+    """Teacher entropy, prototypes in use and KL against steps, each scaled by its
+    uniform-start value, so runs with different ``out_dim`` share an axis: the figure that
+    tells a run stuck at the uniform start from one that collapsed or one that learns."""
+    fig = new_figure(1500, 460)
+    axes = fig.subplots(1, len(SIGNAL_PANELS))
+    for ax, (tag, label, scale) in zip(axes, SIGNAL_PANELS, strict=True):
+        for run in runs:
+            points = (run.signals or {}).get(tag)
+            if not points:
+                continue
+            k = float(run.args["out_dim"])
+            divisor = math.log(k) if scale == "lnK" else k
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, [v / divisor for v in values], lw=1.2, label=run.name)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.86 if title else 0.92)
+    return save_png(fig, path)
+
+
 def write_curves(
     run_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLike, title: str = ""
 ) -> dict[str, Path]:
-    """Table (``knn_curves.md``), data (``knn_curves.json``) and figure (``knn_curves.png``)."""
+    """Table (``knn_curves.md``), data (``knn_curves.json``), figure (``knn_curves.png``) and,
+    where the runs have TensorBoard event files, their learning signals (``signals.png``)."""
     runs = [read_run(d) for d in run_dirs]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,5 +233,7 @@ def write_curves(
     for key, text in (("table", table + "\n"), ("json", json.dumps(data, indent=1) + "\n")):
         atomic_write(paths[key], lambda handle, text=text: handle.write(text.encode()))
     paths["figure"] = plot_knn_curves(runs, out / "knn_curves.png", title)
+    if any(run.signals for run in runs):
+        paths["signals"] = plot_signal_curves(runs, out / "signals.png", title)
     print(table, flush=True)
     return paths
