@@ -48,8 +48,8 @@ from dino_locat.evaluation.options import (
 from dino_locat.evaluation.report import Report
 from dino_locat.evaluation.splits import classification_splits
 from dino_locat.logging import Progress
-from dino_locat.training.args import bool_flag
-from dino_locat.training.schedules import cosine_schedule
+from dino_locat.options import bool_flag
+from dino_locat.schedules import cosine_schedule
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 DEFAULT_N_LAST_BLOCKS = (1, 4)
