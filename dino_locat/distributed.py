@@ -19,8 +19,9 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import torch
@@ -283,6 +284,40 @@ def gather_rows(tensor: Tensor, to_all: bool = False) -> Tensor:
         if parts is None:
             return tensor.new_empty((0, *tensor.shape[1:]), device="cpu")
     return torch.cat([part[:size].cpu() for part, size in zip(parts, sizes, strict=True)])
+
+
+def rows_from_every_rank(
+    *tensors: Tensor, chunk_rows: int = 1 << 16
+) -> Iterator[tuple[Tensor, ...]]:
+    """Every rank's rows of ``tensors`` (row counts may differ between ranks, not between the
+    tensors of one rank), in rank order, ``chunk_rows`` at a time, on every rank.
+
+    For a consumer that fills one preallocated copy of the concatenation (a memory bank):
+    unlike ``gather_rows`` nothing ever holds the gathered rows twice. A single process gets
+    its own tensors back as one chunk. Chunks are on the CPU.
+    """
+    if not is_distributed():
+        yield tensors
+        return
+    device = _comm_device()
+    count = torch.tensor([tensors[0].shape[0]], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world_size())]
+    collective("exchanging row counts", partial(dist.all_gather, counts, count))
+    for source, size in enumerate(int(c) for c in counts):
+        for start in range(0, size, chunk_rows):
+            stop = min(start + chunk_rows, size)
+            chunk = []
+            for tensor in tensors:
+                if rank() == source:
+                    buffer = tensor[start:stop].to(device).contiguous()
+                else:
+                    shape = (stop - start, *tensor.shape[1:])
+                    buffer = torch.empty(shape, dtype=tensor.dtype, device=device)
+                collective(
+                    f"receiving rows of rank {source}", partial(dist.broadcast, buffer, src=source)
+                )
+                chunk.append(buffer.cpu())
+            yield tuple(chunk)
 
 
 def broadcast_object(value: T) -> T:

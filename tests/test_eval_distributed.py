@@ -140,6 +140,27 @@ def test_linear_and_segmentation_under_torchrun_equal_one_process(weights, tmp_p
     assert again["top1"] == pytest.approx(best["test_top1"], abs=1e-9)
 
 
+def test_hummingbird_under_torchrun_equals_one_process(weights, tmp_path):
+    """Memory passes and queries sharded (5 + 5 training scenes, 2 + 3 queries), the memory
+    streamed to both ranks in order; capped, so each image's patch choice is seeded too."""
+    common = ["eval/hummingbird.py", "--pretrained_weights", str(weights), "--train_scenes", "10",
+              "--test_scenes", "5", "--canvas_size", "32", "--augmentation_epochs", "2",
+              "--memory_size", "200", *TINY[:2], "--batch_size_per_gpu", "4"]  # fmt: skip
+    run([*common, "--output_dir", str(tmp_path / "one")])
+    result = run([*common, "--output_dir", str(tmp_path / "two")], processes=2)
+    assert result.stdout.count("Hummingbird mIoU") == 1, "only rank 0 prints the results"
+    assert "memory pass 2/2 [rank 0/2: 5 items] done" in result.stdout
+    assert "query patches [rank 0/2: 2 items] done" in result.stdout
+    a, b = (json.loads((tmp_path / run_ / "results.json").read_text()) for run_ in ("one", "two"))
+    assert a["memory"] == b["memory"] and a["memory"]["patches_per_image"] == 10
+    assert a["mIoU"] == pytest.approx(b["mIoU"], abs=1e-3)
+    assert a["pixel_accuracy"] == pytest.approx(b["pixel_accuracy"], abs=1e-3)
+    assert a["per_class_iou"].keys() == b["per_class_iou"].keys()
+    for name, iou in a["per_class_iou"].items():
+        assert (iou is None) == (b["per_class_iou"][name] is None)
+        assert iou is None or iou == pytest.approx(b["per_class_iou"][name], abs=1e-3)
+
+
 def test_a_rank_that_never_comes_is_an_error_naming_the_rank_not_a_hang(weights, tmp_path):
     env = environment(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     env["MASTER_PORT"] = str(free_port())

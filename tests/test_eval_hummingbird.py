@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from dino_locat.data.segmentation import IGNORE_INDEX
+from dino_locat.data.segmentation import IGNORE_INDEX, RandomResizedCropPair, SeededPass
 from dino_locat.evaluation.hummingbird import (
     MemoryBank,
     patch_label_maps,
@@ -115,3 +118,35 @@ def test_memory_bank_is_one_allocation_filled_in_place():
     assert bank.size == 10 and bank.features.untyped_storage().data_ptr() == storage
     with pytest.raises(RuntimeError, match="overflow"):
         bank.add(torch.ones(1, 4), torch.zeros(1, 3))
+
+
+class Pairs(Dataset):
+    """Random-looking images with a mask that records each pixel's column."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.images = rng.integers(0, 256, size=(6, 24, 24, 3), dtype=np.uint8)
+        self.mask = np.tile(np.arange(24, dtype=np.uint8), (24, 1))
+        self.transform = RandomResizedCropPair(16)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.transform(Image.fromarray(self.images[index]), Image.fromarray(self.mask))
+
+
+def test_seeded_pass_augments_an_item_alike_whoever_loads_it():
+    """The memory's crop and flip depend on (seed, pass, index), not on shard, batch or order."""
+    pairs = Pairs()
+    whole = [m for _, m in DataLoader(SeededPass(pairs, seed=0, epoch=1), batch_size=4)]
+    masks = torch.cat(whole)
+    shard = SeededPass(pairs, seed=0, epoch=1)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for index in (5, 3, 4):  # another rank's share, out of order
+        assert torch.equal(Subset(shard, [3, 4, 5])[index - 3][1], masks[index])
+    assert torch.equal(torch.get_rng_state(), before), "the global generator is left as it was"
+    other_pass = torch.stack([m for _, m in SeededPass(pairs, seed=0, epoch=2)])
+    other_seed = torch.stack([m for _, m in SeededPass(pairs, seed=1, epoch=1)])
+    assert not torch.equal(other_pass, masks) and not torch.equal(other_seed, masks)

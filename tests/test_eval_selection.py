@@ -1,15 +1,20 @@
-"""Held-out selection data for the linear probe: stratified, disjoint, never the test split."""
+"""Held-out selection data for the linear probe: stratified, disjoint, never the test split;
+the default head grid fits the backbone's depth."""
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from dino_locat.evaluation.linear import get_args_parser, run_linear
 from dino_locat.evaluation.options import EvaluationInputError
 from dino_locat.evaluation.splits import classification_splits, stratified_holdout
+from dino_locat.models import build_backbone
 
 
 def test_stratified_holdout_takes_the_fraction_of_every_class_disjointly():
@@ -47,3 +52,30 @@ def test_explicit_val_folder_must_have_the_training_classes(tmp_path, shared_ima
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(other / "a.png")
     with pytest.raises(EvaluationInputError, match="--val_data_path"):
         classification_splits(str(root), None, None, val_data_path=str(other.parent))
+
+
+@pytest.fixture(scope="module")
+def one_block_weights(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "locatvit_depth1.pth"
+    torch.save(build_backbone("locatvit_t", img_size=32, patch_size=8, depth=1).state_dict(), path)
+    return path
+
+
+def test_default_n_last_blocks_drop_the_variants_deeper_than_the_backbone(
+    one_block_weights, tmp_path, capsys
+):
+    flags = ["--pretrained_weights", str(one_block_weights), "--train_subset", "40",
+             "--test_subset", "16", "--epochs", "1", "--lrs", "0.1", "--num_workers", "0",
+             "--batch_size_per_gpu", "16", "--output_dir", str(tmp_path)]  # fmt: skip
+    results = run_linear(get_args_parser().parse_args(flags))
+    assert "default --n_last_blocks variant(s) 4 dropped, training 1" in capsys.readouterr().out
+    assert results["n_last_blocks"] == [1]
+    assert {h["name"] for h in results["heads_held_out"]} == {"n1_pool0_lr0.1", "n1_pool1_lr0.1"}
+    assert (tmp_path / "results.json").is_file()
+    # Asked for explicitly, a too-deep variant is the user's error, named, before any work.
+    explicit = tmp_path / "explicit"
+    args = get_args_parser().parse_args([*flags[:-1], str(explicit), "--n_last_blocks", "1", "4"])
+    with pytest.raises(EvaluationInputError, match="--n_last_blocks 4 exceeds the backbone's 1"):
+        run_linear(args)
+    assert not explicit.exists()

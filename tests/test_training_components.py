@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dino_locat.models import build_backbone
 from dino_locat.models.head import DINOHead, MultiCropWrapper
+from dino_locat.schedules import cosine_schedule
 from dino_locat.training.args import (
     DINO_DEFAULTS,
     EMBEDDED_PRESET,
@@ -24,7 +25,6 @@ from dino_locat.training.optim import (
     param_groups,
     update_teacher,
 )
-from dino_locat.training.schedules import cosine_schedule
 
 
 def test_lr_schedule_warms_up_linearly_then_follows_the_cosine():

@@ -19,6 +19,8 @@ from dino_locat.data.transforms import MultiCropAugmentation
 
 STREAM_VIEWS = 0
 STREAM_MODEL = 1
+STREAM_PAIRS = 2
+STREAM_MEMORY = 3
 
 
 def derive_seed(stream: int, *keys: int) -> int:
@@ -26,7 +28,9 @@ def derive_seed(stream: int, *keys: int) -> int:
 
     ``stream`` keeps unrelated uses apart: the views of a sample are
     ``derive_seed(STREAM_VIEWS, seed, epoch, index)``, the model-side randomness (drop
-    path) of an epoch on a rank is ``derive_seed(STREAM_MODEL, seed, epoch, rank)``.
+    path) of an epoch on a rank is ``derive_seed(STREAM_MODEL, seed, epoch, rank)``; an
+    augmented segmentation pair (``SeededPass``) and Hummingbird's choice of its memory
+    patches use ``STREAM_PAIRS`` and ``STREAM_MEMORY`` with (seed, epoch, index).
     """
     state = np.random.SeedSequence([stream, *keys]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])

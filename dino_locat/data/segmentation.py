@@ -43,6 +43,7 @@ from torchvision.transforms import functional as TF
 
 from dino_locat.data.fashion_mnist import CLASSES as FASHION_CLASSES
 from dino_locat.data.fashion_mnist import FashionMNIST
+from dino_locat.data.multicrop import STREAM_PAIRS, derive_seed
 from dino_locat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 IGNORE_INDEX = 255
@@ -385,6 +386,24 @@ class RandomResizedCropPair:
         if torch.rand(()) < 0.5:
             image, mask = TF.hflip(image), TF.hflip(mask)
         return _normalized(image), _labels(mask)
+
+
+class SeededPass(Dataset):
+    """Pass ``epoch`` over a randomly augmented dataset: item ``i`` is drawn with torch's
+    generator seeded from (seed, epoch, i), so its augmentation does not depend on which
+    process, loader worker or batch loads it (sharded extraction sees one process's views).
+    The global generator is restored afterwards."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(STREAM_PAIRS, self.seed, self.epoch, index))
+            return self.dataset[index]
 
 
 def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, int]:

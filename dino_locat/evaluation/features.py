@@ -112,6 +112,13 @@ def shard_dataset(dataset: Dataset) -> Dataset:
     return Subset(dataset, range(start, stop))
 
 
+def shard_header(header: str, items: int) -> str:
+    """A progress header that says, with several processes, which rank's share it counts."""
+    if world_size() > 1:
+        return f"{header} [rank {rank()}/{world_size()}: {items} items]"
+    return header
+
+
 def shard_loader(loader: DataLoader) -> DataLoader:
     """The same loader over this rank's share of its dataset (in-order loaders only)."""
     if not is_distributed():
@@ -167,8 +174,7 @@ def _extract_shard(
     total = len(loader.dataset)
     features: Tensor | None = None
     targets: Tensor | None = None
-    if world_size() > 1:
-        header = f"{header} [rank {rank()}/{world_size()}: {total} items]"
+    header = shard_header(header, total)
     start = 0
     for out, batch_targets in feature_batches(model, loader, embed, device, header, verbose):
         batch_targets = torch.as_tensor(batch_targets)

@@ -12,6 +12,12 @@ Memory stays bounded: the bank is allocated once at its final size and filled in
 (``--memory_size`` caps it, keeping per image the patches of its rarer classes first), the
 search indexes it one slice at a time (``knn.nearest_neighbors``), and validation patches go
 through in loader batches.
+
+Under torchrun (or SLURM) the work is sharded: each rank embeds its contiguous share of the
+training images of every augmentation pass, and the rows are streamed to every rank in
+dataset order into its one bank; each rank then labels its share of the validation images
+and the pixel counts are summed. An item's crop, flip and patch choice are seeded by
+(seed, pass, index), so the memory and every number are those of one process.
 """
 
 from __future__ import annotations
@@ -23,16 +29,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from dino_locat.data.multicrop import STREAM_MEMORY, derive_seed
 from dino_locat.data.segmentation import (
     IGNORE_INDEX,
     RandomResizedCropPair,
+    SeededPass,
     SegmentationTransform,
     collate_keep_masks,
 )
+from dino_locat.distributed import (
+    is_distributed,
+    rank,
+    rows_from_every_rank,
+    shard_bounds,
+    sum_over_ranks,
+    world_size,
+)
 from dino_locat.evaluation.backbone import frozen_backbone
-from dino_locat.evaluation.features import feature_batches, normalized_patch_tokens
+from dino_locat.evaluation.features import (
+    feature_batches,
+    normalized_patch_tokens,
+    shard_dataset,
+    shard_header,
+)
 from dino_locat.evaluation.knn import nearest_neighbors
 from dino_locat.evaluation.metrics import ConfusionMatrix, iou_table
 from dino_locat.evaluation.options import (
@@ -124,7 +145,7 @@ class MemoryBank:
 
 def build_memory(
     model: nn.Module,
-    loader: DataLoader,
+    dataset: Dataset,
     num_classes: int,
     patch_size: int,
     input_size: int,
@@ -132,14 +153,19 @@ def build_memory(
     memory_size: int | None,
     device: torch.device,
     seed: int = 0,
+    batch_size: int = 64,
+    num_workers: int = 0,
 ) -> tuple[MemoryBank, dict[str, int]]:
-    """The memory over ``epochs`` augmented passes of ``loader`` (image, mask at input size).
+    """The memory over ``epochs`` augmented passes of ``dataset`` (randomly augmented
+    (image, mask) pairs at input size), each pass a ``SeededPass``.
 
     Without ``memory_size`` every labelled patch is kept; with it, each image keeps
-    ``memory_size // (images x epochs)`` patches (``rarer_classes_first``).
+    ``memory_size // (images x epochs)`` patches (``rarer_classes_first``, seeded per image
+    and pass). With several processes each rank embeds its shard of every pass and all ranks
+    receive the rows, in dataset order, into their bank.
     """
     patches = (input_size // patch_size) ** 2
-    images = len(loader.dataset) * epochs
+    images = len(dataset) * epochs
     if memory_size is None:
         per_image, capacity = patches, images * patches
     else:
@@ -153,20 +179,34 @@ def build_memory(
         capacity = per_image * images
     embed_dim = model.embed_dim
     bank = MemoryBank(capacity, embed_dim, num_classes)
-    generator = torch.Generator().manual_seed(seed)
-    unlabelled = 0
+    start, stop = shard_bounds(len(dataset), rank(), world_size())
+    unlabelled = torch.zeros(1, dtype=torch.long)
     for epoch in range(epochs):
-        batches = feature_batches(
-            model, loader, normalized_patch_tokens, device, f"memory pass {epoch + 1}/{epochs}"
-        )
-        for features, masks in batches:
+        shard = shard_dataset(SeededPass(dataset, seed, epoch))
+        loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
+        # One process fills the bank itself; a rank fills its share, then all ranks stream.
+        target = bank
+        if is_distributed():
+            target = MemoryBank((stop - start) * per_image, embed_dim, num_classes)
+        index = start
+        header = shard_header(f"memory pass {epoch + 1}/{epochs}", len(shard))
+        for features, masks in feature_batches(
+            model, loader, normalized_patch_tokens, device, header
+        ):
             soft = patch_soft_labels(torch.as_tensor(masks), patch_size, num_classes)
             for image_features, image_labels in zip(features, soft, strict=True):
+                generator = torch.Generator().manual_seed(
+                    derive_seed(STREAM_MEMORY, seed, epoch, index)
+                )
                 keep = rarer_classes_first(image_labels, per_image, generator)
                 unlabelled += int((image_labels.sum(dim=1) == 0).sum())
-                bank.add(image_features[keep], image_labels[keep].half())
+                target.add(image_features[keep], image_labels[keep].half())
+                index += 1
+        if target is not bank:
+            for rows, labels in rows_from_every_rank(target.features, target.labels):
+                bank.add(rows, labels)
     stats = {"patches": bank.size, "capacity": capacity, "patches_per_image": per_image}
-    stats["unlabelled_patches_skipped"] = unlabelled
+    stats["unlabelled_patches_skipped"] = int(sum_over_ranks(unlabelled))
     return bank, stats
 
 
@@ -218,12 +258,15 @@ def evaluate_retrieval(
     temperature: float,
     device: torch.device,
 ) -> ConfusionMatrix:
-    """Label every validation image by retrieval and count its pixels (255 ignored)."""
+    """Label every validation image of ``loader`` (this rank's share) by retrieval and count
+    the pixels (255 ignored); the counts of all ranks are summed."""
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
-    batches = feature_batches(model, loader, normalized_patch_tokens, device, "query patches")
+    header = shard_header("query patches", len(loader.dataset))
+    batches = feature_batches(model, loader, normalized_patch_tokens, device, header)
     for queries, masks in batches:
         maps = patch_label_maps(bank, queries, num_classes, k, temperature)
         score_label_maps(confusion, maps, masks)
+    confusion.counts = sum_over_ranks(confusion.counts)
     return confusion
 
 
@@ -265,16 +308,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _loaders(args: argparse.Namespace, input_size: int) -> tuple[DataLoader, DataLoader, list[str]]:
-    train_set, val_set, classes = segmentation_datasets(
+def _datasets(args: argparse.Namespace, input_size: int) -> tuple[Dataset, Dataset, list[str]]:
+    return segmentation_datasets(
         args,
         RandomResizedCropPair(input_size),
         SegmentationTransform(input_size, train=False, keep_mask_size=True),
     )
-    common = {"batch_size": args.batch_size_per_gpu, "num_workers": args.num_workers}
-    train = DataLoader(train_set, shuffle=False, **common)
-    val = DataLoader(val_set, collate_fn=collate_keep_masks, **common)
-    return train, val, classes
 
 
 def run_hummingbird(args: argparse.Namespace) -> dict[str, Any]:
@@ -293,10 +332,10 @@ def run_hummingbird(args: argparse.Namespace) -> dict[str, Any]:
         raise EvaluationInputError(
             f"--input_size {input_size} is not a multiple of the patch size {patch_size}"
         )
-    train_loader, val_loader, classes = _loaders(args, input_size)
+    train_set, val_set, classes = _datasets(args, input_size)
     bank, stats = build_memory(
         model,
-        train_loader,
+        train_set,
         len(classes),
         patch_size,
         input_size,
@@ -304,19 +343,27 @@ def run_hummingbird(args: argparse.Namespace) -> dict[str, Any]:
         args.memory_size,
         device,
         args.seed,
+        args.batch_size_per_gpu,
+        args.num_workers,
     )
     if bank.size == 0:
         raise EvaluationInputError("the training masks label no pixel: the memory is empty")
     k = min(args.num_neighbors, bank.size)
     gigabytes = bank.features.numel() * 4 / 2**30
     print(
-        f"memory: {bank.size} patches from {len(train_loader.dataset)} images x "
+        f"memory: {bank.size} patches from {len(train_set)} images x "
         f"{args.augmentation_epochs} augmentation epoch(s), {gigabytes:.2f} GB of features; "
         f"k = {k}",
         flush=True,
     )
     if k < args.num_neighbors:
         print(f"note: --num_neighbors {args.num_neighbors} exceeds the memory; using k = {k}")
+    val_loader = DataLoader(
+        shard_dataset(val_set),
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        collate_fn=collate_keep_masks,
+    )
     confusion = evaluate_retrieval(
         model, bank, val_loader, len(classes), k, args.temperature, device
     )

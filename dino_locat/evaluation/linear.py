@@ -48,10 +48,11 @@ from dino_locat.evaluation.options import (
 from dino_locat.evaluation.report import Report
 from dino_locat.evaluation.splits import classification_splits
 from dino_locat.logging import Progress
-from dino_locat.training.args import bool_flag
-from dino_locat.training.schedules import cosine_schedule
+from dino_locat.options import bool_flag
+from dino_locat.schedules import cosine_schedule
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+DEFAULT_N_LAST_BLOCKS = (1, 4)
 # Embedded default (Fashion-MNIST): cached features, about a minute for a ViT-S at 32 px.
 EMBEDDED_SIZES = (10000, 2000)
 EMBEDDED_EPOCHS = 20
@@ -151,6 +152,30 @@ def dino_protocol_head(arch: str, depth: int) -> tuple[int, bool]:
     else:
         n, pool = 4, False
     return min(n, depth), pool
+
+
+def resolve_n_last_blocks(requested: list[int] | None, depth: int) -> list[int]:
+    """The n_last_blocks variants to train on a ``depth``-block backbone.
+
+    The default variants are DINO's (1 and 4); a shallower backbone simply lacks the deep
+    ones, so they are dropped with a note. A value the user asked for is never dropped:
+    one deeper than the backbone is an error naming the flag.
+    """
+    if requested is None:
+        kept = [n for n in DEFAULT_N_LAST_BLOCKS if n <= depth]
+        dropped = [n for n in DEFAULT_N_LAST_BLOCKS if n > depth]
+        if dropped:
+            print(
+                f"note: the backbone has {depth} block(s): default --n_last_blocks variant(s) "
+                f"{' '.join(map(str, dropped))} dropped, training {' '.join(map(str, kept))}",
+                flush=True,
+            )
+        return kept
+    if max(requested) > depth:
+        raise EvaluationInputError(
+            f"--n_last_blocks {max(requested)} exceeds the backbone's {depth} blocks"
+        )
+    return list(dict.fromkeys(requested))
 
 
 def train_linear_heads(
@@ -253,8 +278,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--n_last_blocks",
         type=int,
         nargs="+",
-        default=[1, 4],
-        help="CLS tokens of the last n blocks are concatenated; each value is one variant (1 4)",
+        default=None,
+        help="CLS tokens of the last n blocks are concatenated; each value is one variant "
+        "(default: 1 4, those deeper than the backbone dropped)",
     )
     group.add_argument(
         "--avgpool_patchtokens",
@@ -331,10 +357,7 @@ def run_linear(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model, info = frozen_backbone(args, device)
     depth = info["depth"]
-    if max(args.n_last_blocks) > depth:
-        raise EvaluationInputError(
-            f"--n_last_blocks {max(args.n_last_blocks)} exceeds the backbone's {depth} blocks"
-        )
+    n_last_blocks = resolve_n_last_blocks(args.n_last_blocks, depth)
     if args.val_data_path is None and not 0 < args.val_fraction < 1:
         raise EvaluationInputError(
             f"--val_fraction must be in (0, 1), got {args.val_fraction}: the head is chosen on "
@@ -359,7 +382,7 @@ def run_linear(args: argparse.Namespace) -> dict[str, Any]:
     print(splits.description, flush=True)
     protocol = dino_protocol_head(info["arch"], depth)
     pools = boolean_choices(args.avgpool_patchtokens, [False, True])
-    grid = [(n, pool) for n in dict.fromkeys(args.n_last_blocks) for pool in pools]
+    grid = [(n, pool) for n in n_last_blocks for pool in pools]
     if protocol not in grid:
         print(f"adding the DINO-protocol variant n_last_blocks {protocol[0]}, avgpool "
               f"{protocol[1]} to the grid", flush=True)  # fmt: skip
@@ -471,6 +494,7 @@ def run_linear(args: argparse.Namespace) -> dict[str, Any]:
         "num_classes": len(splits.classes),
         "epochs": epochs,
         "augment": augment,
+        "n_last_blocks": n_last_blocks,
         "selection": "head (lr x blocks x pooling) and epoch with the best top-1 on the held-out "
         "part of the training split; the test split is evaluated once, for the chosen heads",
         "headline": selected,

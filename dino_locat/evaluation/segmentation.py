@@ -62,8 +62,8 @@ from dino_locat.evaluation.options import (
 )
 from dino_locat.evaluation.report import Report
 from dino_locat.logging import Progress
-from dino_locat.training.args import bool_flag
-from dino_locat.training.schedules import cosine_schedule
+from dino_locat.options import bool_flag
+from dino_locat.schedules import cosine_schedule
 from dino_locat.visualization.maps import display_images
 
 PairTransform = Callable[[Any, Any], Any]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dino_locat.models import ARCH_NAMES, canonical_arch
+from dino_locat.options import bool_flag
 
 # DINO's own defaults for the flags that the embedded preset may change.
 DINO_DEFAULTS: dict[str, Any] = {
@@ -78,16 +79,6 @@ STUDY_PRESET: dict[str, Any] = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {"main": EMBEDDED_PRESET, "study": STUDY_PRESET}
-
-
-def bool_flag(value: str) -> bool:
-    """DINO-style boolean flag values: ``--use_fp16 false``, ``--norm_last_layer 1``."""
-    lowered = value.lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
 def _preset_help(name: str, text: str) -> str:

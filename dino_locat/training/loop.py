@@ -37,6 +37,7 @@ from dino_locat.logging import Progress, append_json_line, format_duration, tens
 from dino_locat.models import build_backbone
 from dino_locat.models.compile import compile_blocks, strip_compile_prefix
 from dino_locat.models.head import DINOHead, MultiCropWrapper
+from dino_locat.schedules import cosine_schedule
 from dino_locat.training.args import resolve_args
 from dino_locat.training.loss import DINOLoss
 from dino_locat.training.online_knn import build_knn_probe, knn_summary
@@ -46,7 +47,6 @@ from dino_locat.training.optim import (
     param_groups,
     update_teacher,
 )
-from dino_locat.training.schedules import cosine_schedule
 from dino_locat.training.signals import (
     SIGNAL_COLUMNS,
     AlarmMonitor,

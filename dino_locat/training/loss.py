@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dino_locat.distributed import all_reduce_sum, is_distributed
-from dino_locat.training.schedules import cosine_schedule
+from dino_locat.schedules import cosine_schedule
 from dino_locat.training.signals import teacher_entropies
 
 
