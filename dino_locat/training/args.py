@@ -25,6 +25,7 @@ DINO_DEFAULTS: dict[str, Any] = {
     "epochs": 100,
     "warmup_epochs": 10,
     "momentum_teacher": 0.996,
+    "momentum_teacher_end": 1.0,
     "teacher_temp": 0.04,
     "freeze_last_layer": 1,
     "drop_path_rate": 0.1,
@@ -50,6 +51,7 @@ EMBEDDED_PRESET: dict[str, Any] = {
     "epochs": 3,
     "warmup_epochs": 1,
     "momentum_teacher": 0.99,
+    "momentum_teacher_end": 1.0,
     "teacher_temp": 0.04,
     "freeze_last_layer": 1,
     "drop_path_rate": 0.1,
@@ -63,13 +65,16 @@ EMBEDDED_PRESET: dict[str, Any] = {
     "knn_test_images": 500,
 }
 
-# `--preset study`: the recipe of the backbone comparison (launch/study.py), chosen on the
-# preset sweep's held-out curves (docs/sweep/README.md) for vit_t / locatvit_t.
+# `--preset study`: the recipe of the backbone comparison (launch/study.py) for vit_t /
+# locatvit_t, the best teacher and student curve of the preset sweep's second round, read on
+# held-out train queries (run r_mconst in docs/sweep/README.md): global crops only, batch
+# 32, out_dim 256, teacher temperature 0.02, lr 0.01, a constant teacher momentum of 0.99.
 STUDY_PRESET: dict[str, Any] = {
     **EMBEDDED_PRESET,
     "out_dim": 256,
     "teacher_temp": 0.02,
     "lr": 0.01,
+    "momentum_teacher_end": 0.99,
     "freeze_last_layer": 0,
     "drop_path_rate": 0.0,
     "local_crops_number": 0,
@@ -115,8 +120,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument(
         "--momentum_teacher_end",
         type=float,
-        default=1.0,
-        help="final EMA momentum of the cosine schedule (1.0, DINO's)",
+        help=_preset_help("momentum_teacher_end", "final EMA momentum of the cosine schedule"),
     )
     model.add_argument(
         "--drop_path_rate", type=float, help=_preset_help("drop_path_rate", "stochastic depth")

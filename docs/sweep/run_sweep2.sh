@@ -21,6 +21,8 @@ configs=(
   "r_p7 --arch locatvit_t --epochs 4 $g --global_crops_size 28 --patch_size 7 --local_crops_size 14"
   "r_p4 --arch locatvit_t --epochs 4 $g --global_crops_size 28 --patch_size 4 --local_crops_size 12"
   "r_vit --arch vit_t --epochs 4 $g"
+  "r_m95c --arch locatvit_t --epochs 4 $g --momentum_teacher 0.95 --momentum_teacher_end 0.95"
+  "r_m90c --arch locatvit_t --epochs 4 $g --momentum_teacher 0.9 --momentum_teacher_end 0.9"
 )
 wanted=" $* "
 dirs=()
