@@ -61,9 +61,19 @@ from dino_locat.visualization.trends import trends_from_tensorboard
 DEFAULT_ARCHS = ("vit_t", "locatvit_t")
 # Study flags that replace training flags of the same name.
 OWN_FLAGS = {"help", "arch", "seed", "output_dir", "preset"}
-# Training flags that may differ between a finished run and a rerun of the study.
-RUN_ONLY_FLAGS = {"output_dir", "data_path", "num_workers", "print_freq", "compile", "preset"}
+# Training flags that may differ between a finished run and a rerun of the study (use_fp16:
+# training turns it off on CPU, so the stored value follows the device).
+RUN_ONLY_FLAGS = {
+    "output_dir",
+    "num_workers",
+    "print_freq",
+    "compile",
+    "preset",
+    "use_fp16",
+}
 
+# what an evaluation's parent piece makes of the network it evaluates
+NETWORKS = {"train": "trained", "untrained": "untrained"}
 # metric -> (evaluator, keys into its results.json, label)
 METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "knn_top1": ("knn", ("knn", "20", "top1"), "k-NN 20-NN top-1 (%)"),
@@ -233,7 +243,9 @@ class Piece:
                 return False
             recorded = json.loads(self.record_path.read_text())
             parent = self.parent.checkpoint if self.parent else None
-            newer = parent is None or results.stat().st_mtime >= parent.stat().st_mtime
+            newer = parent is None or (
+                parent.is_file() and results.stat().st_mtime >= parent.stat().st_mtime
+            )
             return recorded.get("flags") == self.flags() and newer
         if not self.checkpoint.is_file():
             return False
@@ -561,7 +573,10 @@ def run_pieces(args: argparse.Namespace, pieces: list[Piece], cluster: str) -> l
     Local/debug: one job after another, an evaluation only after its training succeeded.
     SLURM: everything submitted at once (evaluations wait with afterok), then followed.
     """
-    done = {id(p): p.done() for p in pieces}
+    done: dict[int, bool] = {}
+    for piece in pieces:  # an evaluation of a network that runs again runs again too
+        parent_done = piece.parent is None or done[id(piece.parent)]
+        done[id(piece)] = parent_done and piece.done()
     print_plan(pieces, done)
     failed: list[str] = []
     spent = estimated = 0.0
@@ -633,7 +648,7 @@ def collect(pieces: list[Piece]) -> list[dict[str, Any]]:
         results = json.loads(results_file.read_text())
         submitted = json.loads(piece.record_path.read_text())
         parent = piece.parent
-        network = "raw_pixels" if parent is None else parent.kind.replace("train", "trained")
+        network = "raw_pixels" if parent is None else NETWORKS[parent.kind]
         record = {
             "network": network,
             "arch": piece.arch,

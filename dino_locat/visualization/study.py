@@ -55,8 +55,9 @@ def study_figure(
     """Write the study figure to ``path`` (atomically).
 
     Row 1: a bar per arch (mean over seeds) per metric, a dot per seed, dashed lines for the
-    references. Row 2: online k-NN curves (colour = arch, line style = seed), then GAug mean
-    variance and mean alpha per block against epoch (colour = block, line style = run).
+    references; the y axis is zoomed on the values (bars do not start at 0). Row 2: online
+    k-NN curves (colour = arch, line style = seed), then GAug mean variance and mean alpha
+    per block against epoch (colour = block, line style = run).
     """
     cols = max(len(panels), 3)
     fig = new_figure(360 * cols, 760)
@@ -74,6 +75,11 @@ def study_figure(
         ref_colors = colormaps["Dark2"]
         for j, (name, value) in enumerate(panel.references.items()):
             ax.axhline(value, ls="--", lw=1, color=ref_colors(j % 8), label=name)
+        shown = [v for vs in panel.per_arch.values() for v in vs] + list(panel.references.values())
+        if shown:  # zoom on the values: differences of a point must stay visible
+            low, high = min(shown), max(shown)
+            margin = max(1.0, 0.15 * (high - low))
+            ax.set_ylim(max(0.0, low - margin), high + margin)
         ax.set_xticks(range(len(archs)), archs, fontsize=8)
         ax.set_title(panel.label, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
