@@ -99,84 +99,43 @@ class Budget:
     seconds: dict[str, float]
 
 
-# The one place that sizes the study. `default` fits the whole study (2 archs x 2 seeds,
-# 25 evaluations) in about 2 hours on 2 CPU cores; the seconds are measured per piece on
-# that machine (README, "Does locality help under DINO?") and scale with the model's work.
+# The one place that sizes the study. Seconds per piece on a quiet 2-core CPU machine, from
+# CPU seconds measured per evaluator on reduced sets and extrapolated linearly
+# (tests/benchmarks/bench_study_pieces.py; wall = CPU / 1.5 threads busy; each job also pays
+# a Python start-up of about 8 CPU s), and the lead's 4-6 minutes per preset training run.
+# `default` adds up to about 100 minutes (2 archs x 2 seeds, 25 evaluations).
+_SMALL_LINEAR = ["--epochs", "10", "--lrs", "0.001", "0.01", "0.1"]
+_FEW_LRS = ["--lrs", "0.001", "0.01", "0.1"]
 BUDGETS: dict[str, Budget] = {
     "small": Budget(
         seeds=(0, 1),
         train={"epochs": 2, "depth": 6},
         evals={
             "knn": ["--train_subset", "2000", "--test_subset", "500", "--num_workers", "1"],
-            "linear": [
-                "--train_subset",
-                "2000",
-                "--test_subset",
-                "500",
-                "--epochs",
-                "10",
-                "--n_last_blocks",
-                "1",
-                "4",
-                "--num_workers",
-                "1",
-            ],
-            "segmentation": [
-                "--train_scenes",
-                "200",
-                "--test_scenes",
-                "50",
-                "--epochs",
-                "10",
-                "--num_workers",
-                "1",
-            ],
-            "hummingbird": ["--train_scenes", "200", "--test_scenes", "50", "--num_workers", "1"],
+            "linear": ["--train_subset", "2000", "--test_subset", "500", *_SMALL_LINEAR,
+                       "--num_workers", "1"],
+            "segmentation": ["--protocol", "fast", "--train_scenes", "200", "--test_scenes",
+                             "50", "--epochs", "10", "--num_workers", "1"],
+            "hummingbird": ["--train_scenes", "200", "--test_scenes", "50", "--num_workers",
+                            "1"],
         },
-        seconds={
-            "train": 120,
-            "untrained": 40,
-            "knn": 40,
-            "raw_pixels": 30,
-            "linear": 60,
-            "segmentation": 60,
-            "hummingbird": 40,
-        },
+        seconds={"train": 90, "untrained": 20, "knn": 22, "raw_pixels": 15, "linear": 40,
+                 "segmentation": 31, "hummingbird": 14},
     ),
     "default": Budget(
         seeds=(0, 1),
         train={},
         evals={
             "knn": ["--train_subset", "10000", "--test_subset", "2000", "--num_workers", "1"],
-            "linear": ["--train_subset", "10000", "--test_subset", "2000", "--num_workers", "1"],
-            "segmentation": [
-                "--protocol",
-                "fast",
-                "--train_scenes",
-                "1000",
-                "--test_scenes",
-                "250",
-                "--num_workers",
-                "1",
-            ],
-            "hummingbird": [
-                "--train_scenes",
-                "1000",
-                "--test_scenes",
-                "250",
-                "--num_workers",
-                "1",
-            ],
+            "linear": ["--train_subset", "10000", "--test_subset", "2000", *_FEW_LRS,
+                       "--num_workers", "1"],
+            "segmentation": ["--protocol", "fast", "--train_scenes", "500", "--test_scenes",
+                             "250", "--num_workers", "1"],
+            "hummingbird": ["--train_scenes", "1000", "--test_scenes", "250", "--num_workers",
+                            "1"],
         },
-        seconds={
-            "train": 300,
-            "untrained": 40,
-            "knn": 120,
-            "raw_pixels": 40,
-            "linear": 300,
-            "segmentation": 240,
-            "hummingbird": 150,
-        },
+        seconds={"train": 330, "untrained": 20, "knn": 170, "raw_pixels": 15, "linear": 340,
+                 "segmentation": 160, "hummingbird": 100},
     ),
     "large": Budget(
         seeds=(0, 1, 2),
@@ -184,27 +143,16 @@ BUDGETS: dict[str, Budget] = {
         evals={
             "knn": ["--train_subset", "0", "--test_subset", "0"],
             "linear": ["--train_subset", "0", "--test_subset", "0"],
-            "segmentation": [
-                "--protocol",
-                "fast",
-                "--train_scenes",
-                "4000",
-                "--test_scenes",
-                "1000",
-            ],
+            "segmentation": ["--protocol", "fast", "--train_scenes", "4000", "--test_scenes",
+                             "1000"],
             "hummingbird": ["--train_scenes", "4000", "--test_scenes", "1000"],
         },
-        seconds={
-            "train": 300 * 3 * 4,
-            "untrained": 40,
-            "knn": 120 * 6 * 4,
-            "raw_pixels": 200,
-            "linear": 300 * 6 * 4,
-            "segmentation": 240 * 4 * 4,
-            "hummingbird": 150 * 4 * 4,
-        },
+        # default's seconds x 4 (patch 4: 4x the tokens) x the data (and epochs) ratios
+        seconds={"train": 330 * 4 * 3, "untrained": 20, "knn": 170 * 4 * 6,
+                 "raw_pixels": 15 * 6, "linear": 340 * 4 * 6 * 2, "segmentation": 160 * 4 * 7,
+                 "hummingbird": 100 * 4 * 4},
     ),
-}
+}  # fmt: skip
 
 
 @dataclass
@@ -286,7 +234,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--budget",
         choices=sorted(BUDGETS),
         default="default",
-        help="size on the embedded data: small (~1 h on 2 cores), default (~2 h), large "
+        help="size on the embedded data: small (~20 min on 2 cores), default (~2 h), large "
         "(12 epochs, depth 12, patch 4, 3 seeds, full evaluation sets: for a GPU or a long "
         "night); flags you pass win (default: %(default)s)",
     )
