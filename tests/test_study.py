@@ -61,6 +61,9 @@ def study(tmp_path_factory) -> dict:
         stderr=subprocess.STDOUT,
         text=True,
         cwd=REPO,
+        # Ctrl-C must reach it even when pytest itself runs with SIGINT ignored (a background
+        # job of a non-interactive shell): Python only handles SIGINT that is not ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = []
     for line in first.stdout:

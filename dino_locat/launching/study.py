@@ -55,6 +55,7 @@ from dino_locat.training import get_args_parser as training_args_parser
 from dino_locat.training import main as train_main
 from dino_locat.training.args import resolve_args
 from dino_locat.training.loop import save_untrained
+from dino_locat.visualization.figures import atomic_write
 from dino_locat.visualization.study import MetricPanel, OnlineCurve, study_figure
 from dino_locat.visualization.trends import trends_from_tensorboard
 
@@ -753,7 +754,7 @@ def report(args: argparse.Namespace, pieces: list[Piece], failed: list[str]) -> 
     rows = summarize(records, args.archs)
     table = format_table(rows, args.archs)
     figure = _figure(pieces, rows, args.archs, out / "study.png")
-    (out / "table.md").write_text(table + "\n")
+    atomic_write(out / "table.md", lambda handle: handle.write((table + "\n").encode()))
     summary = {
         "study": "does locality help under DINO?",
         "archs": args.archs,
