@@ -154,7 +154,7 @@ def test_plan_is_identical_but_for_the_backbone_and_sized_by_the_budget(tmp_path
     assert all(p.args.preset == "study" and p.args.depth is None for p in trains)
     assert sum(1 for p in pieces if p.kind == "eval") == 1 + 6 * 4
     total_min = sum(p.estimate_s for p in pieces) / 60
-    assert 60 <= total_min <= 125, total_min
+    assert 30 <= total_min <= 90, total_min  # quiet-machine ETA; 2 h holds at twice the load
     small = plan_study(get_args_parser().parse_args(["--output_dir", str(tmp_path), "--budget",
                                                      "small"]))  # fmt: skip
     assert sum(p.estimate_s for p in small) < 0.7 * total_min * 60

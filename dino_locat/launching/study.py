@@ -22,6 +22,7 @@ Layout of ``--output_dir``::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shlex
@@ -100,13 +101,14 @@ class Budget:
     seconds: dict[str, float]
 
 
-# The one place that sizes the study. Seconds per piece on a quiet 2-core CPU machine, from
-# CPU seconds measured per evaluator on reduced sets and extrapolated linearly
-# (tests/benchmarks/bench_study_pieces.py; wall = CPU / 1.5 threads busy; each job also pays
-# a Python start-up of about 8 CPU s), and the lead's 4-6 minutes per preset training run.
-# `default` adds up to about 100 minutes (2 archs x 2 seeds, 25 evaluations).
+# The one place that sizes the study. Seconds per piece on a quiet 2-core CPU machine:
+# evaluators from `python tests/benchmarks/bench_study_pieces.py --fraction 0.1` (CPU seconds
+# on a tenth of each set, extrapolated linearly; the full k-NN piece measured 88.5 CPU s
+# against 84 extrapolated; quiet wall ~0.85 x CPU, as torch keeps barely one core busy on
+# these small models), a Python start-up of ~8 s per job included; training from the preset's
+# 4-6 minutes per run. `default` adds up to about 51 minutes (2 archs x 2 seeds, 25
+# evaluations), so a machine loaded up to twice over still finishes within 2 hours.
 _SMALL_LINEAR = ["--epochs", "10", "--lrs", "0.001", "0.01", "0.1"]
-_FEW_LRS = ["--lrs", "0.001", "0.01", "0.1"]
 BUDGETS: dict[str, Budget] = {
     "small": Budget(
         seeds=(0, 1),
@@ -120,23 +122,23 @@ BUDGETS: dict[str, Budget] = {
             "hummingbird": ["--train_scenes", "200", "--test_scenes", "50", "--num_workers",
                             "1"],
         },
-        seconds={"train": 90, "untrained": 20, "knn": 22, "raw_pixels": 15, "linear": 40,
-                 "segmentation": 31, "hummingbird": 14},
+        seconds={"train": 85, "untrained": 15, "knn": 15, "raw_pixels": 15, "linear": 16,
+                 "segmentation": 15, "hummingbird": 11},
     ),
     "default": Budget(
         seeds=(0, 1),
         train={},
         evals={
             "knn": ["--train_subset", "10000", "--test_subset", "2000", "--num_workers", "1"],
-            "linear": ["--train_subset", "10000", "--test_subset", "2000", *_FEW_LRS,
-                       "--num_workers", "1"],
-            "segmentation": ["--protocol", "fast", "--train_scenes", "500", "--test_scenes",
+            "linear": ["--train_subset", "10000", "--test_subset", "2000", "--num_workers",
+                       "1"],
+            "segmentation": ["--protocol", "fast", "--train_scenes", "1000", "--test_scenes",
                              "250", "--num_workers", "1"],
             "hummingbird": ["--train_scenes", "1000", "--test_scenes", "250", "--num_workers",
                             "1"],
         },
-        seconds={"train": 330, "untrained": 20, "knn": 170, "raw_pixels": 15, "linear": 340,
-                 "segmentation": 160, "hummingbird": 100},
+        seconds={"train": 330, "untrained": 15, "knn": 80, "raw_pixels": 15, "linear": 90,
+                 "segmentation": 75, "hummingbird": 40},
     ),
     "large": Budget(
         seeds=(0, 1, 2),
@@ -149,9 +151,9 @@ BUDGETS: dict[str, Budget] = {
             "hummingbird": ["--train_scenes", "4000", "--test_scenes", "1000"],
         },
         # default's seconds x 4 (patch 4: 4x the tokens) x the data (and epochs) ratios
-        seconds={"train": 330 * 4 * 3, "untrained": 20, "knn": 170 * 4 * 6,
-                 "raw_pixels": 15 * 6, "linear": 340 * 4 * 6 * 2, "segmentation": 160 * 4 * 7,
-                 "hummingbird": 100 * 4 * 4},
+        seconds={"train": 330 * 4 * 3, "untrained": 15, "knn": 80 * 4 * 6,
+                 "raw_pixels": 15 * 6, "linear": 90 * 4 * 6, "segmentation": 75 * 4 * 4,
+                 "hummingbird": 40 * 4 * 4},
     ),
 }  # fmt: skip
 
@@ -235,9 +237,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--budget",
         choices=sorted(BUDGETS),
         default="default",
-        help="size on the embedded data: small (~20 min on 2 cores), default (~2 h), large "
-        "(12 epochs, depth 12, patch 4, 3 seeds, full evaluation sets: for a GPU or a long "
-        "night); flags you pass win (default: %(default)s)",
+        help="size on the embedded data: small (~12 min on a quiet 2-core CPU), default "
+        "(~51 min quiet, within 2 h on a busy one), large (12 epochs, depth 12, patch 4, 3 "
+        "seeds, full evaluation sets: for a GPU or a long night); flags you pass win "
+        "(default: %(default)s)",
     )
     study.add_argument("--output_dir", default="output/study", help="(default: %(default)s)")
     study.add_argument(
@@ -435,7 +438,9 @@ def _images_seen(args: argparse.Namespace) -> float:
 
 
 def _minutes(seconds: float | None) -> str:
-    return "?" if seconds is None else f"{seconds / 60:.0f} min"
+    if seconds is None:
+        return "?"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def print_plan(pieces: list[Piece], done: dict[int, bool]) -> None:
@@ -444,15 +449,16 @@ def print_plan(pieces: list[Piece], done: dict[int, bool]) -> None:
     print(f"[study] {len(pieces)} pieces, {len(pieces) - len(todo)} already finished", flush=True)
     for piece in pieces:
         state = "finished, skipped" if done[id(piece)] else f"~{_minutes(piece.estimate_s)}"
-        print(f"[study]   {piece.label:<40} {state}", flush=True)
+        print(f"[study]   {piece.label:<46} {state}", flush=True)
     estimates = [p.estimate_s for p in todo]
     if any(e is None for e in estimates):
         print("[study] ETA: unknown (no per-piece costs for --data_path)", flush=True)
     else:
         total = sum(e for e in estimates if e is not None)
         print(
-            f"[study] ETA: about {_minutes(total)} one job after another on the 2-core "
-            "reference machine (per-piece costs in dino_locat/launching/study.py BUDGETS)",
+            f"[study] ETA: about {_minutes(total)}, one job after another on a quiet 2-core CPU "
+            "(per-piece costs: BUDGETS in dino_locat/launching/study.py; longer on a busy "
+            "machine, shorter on a GPU)",
             flush=True,
         )
 
@@ -498,7 +504,8 @@ def submit_piece(args: argparse.Namespace, piece: Piece, cluster: str) -> submit
         job_args,
         folder,
         name,
-        ResumableJob(piece.entry, piece.args, resume),
+        # a copy: a job run in this process (debug) must not change the flags it is judged by
+        ResumableJob(piece.entry, copy.deepcopy(piece.args), resume),
         piece.workers,
         dependency,
     )
