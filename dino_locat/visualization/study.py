@@ -124,7 +124,9 @@ def study_figure(
                 fontsize=8,
             )
     if trends:
-        ax_var.set_yscale("log")
+        values = np.concatenate([t.var_mean[np.isfinite(t.var_mean)] for t in trends.values()])
+        if values.size and values.min() > 0 and values.max() / values.min() > 10:
+            ax_var.set_yscale("log")  # a collapse towards 0 shows over decades
         ax_var.legend(fontsize=6, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.08, top=0.9)
