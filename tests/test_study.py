@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dino_locat.evaluation import knn
+from dino_locat.evaluation.options import EvaluationInputError
 from dino_locat.launching.study import METRICS, get_args_parser, plan_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,3 +185,12 @@ def test_user_data_path_uses_dino_defaults(tmp_path):
     assert all(p.args.preset == "main" and p.args.epochs == 100 for p in trains)
     assert all(p.estimate_s is None for p in trains)
     assert os.fspath(trains[0].args.data_path) == str(data.resolve())
+
+
+def test_raw_pixel_knn_takes_no_backbone_and_needs_a_size(tmp_path):
+    parser = knn.get_args_parser()
+    both = parser.parse_args(["--raw_pixels", "--image_size", "16", "--pretrained_weights", "x"])
+    with pytest.raises(EvaluationInputError, match="--pretrained_weights and --raw_pixels"):
+        knn.run_knn(both)
+    with pytest.raises(EvaluationInputError, match="--raw_pixels needs --image_size"):
+        knn.run_knn(parser.parse_args(["--raw_pixels"]))
