@@ -18,7 +18,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from dino_locat.checkpoint import CheckpointError, load_checkpoint
@@ -28,6 +28,7 @@ from dino_locat.evaluation.backbone import frozen_backbone
 from dino_locat.evaluation.features import (
     cached_features,
     extract_features,
+    flattened_pixels,
     load_features,
     normalized_cls,
 )
@@ -50,6 +51,8 @@ SLICE_FLOATS = 1 << 25  # bank slice indexed at once: 128 MB of float32
 QUERY_BATCH = 4096
 # Embedded default (Fashion-MNIST train/test): about a minute for a ViT-S at 32 px on 2 idle cores.
 EMBEDDED_SIZES = (10000, 2000)
+# Where the features come from: exactly one of these flags.
+SOURCES = ("pretrained_weights", "load_features", "raw_pixels")
 FEATURE_FILES = {"train": "train_features.pth", "test": "test_features.pth"}
 # DINO's eval_knn.py --dump_features: four bare tensors, features already L2-normalised.
 DINO_FEATURE_FILES = {
@@ -200,6 +203,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "eval_knn.py (trainfeat.pth, testfeat.pth, trainlabels.pth, testlabels.pth); no "
         "backbone is loaded",
     )
+    group.add_argument(
+        "--raw_pixels",
+        action="store_true",
+        help="the raw-pixel baseline: vote on the flattened, L2-normalised images resized to "
+        "--image_size (required) instead of on backbone features; no backbone is loaded",
+    )
     return parser
 
 
@@ -244,7 +253,13 @@ def _features_from_backbone(
     args: argparse.Namespace,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Any]]:
     device = resolve_device(args.device)
-    model, info = frozen_backbone(args, device)
+    if args.raw_pixels:
+        model, embed = nn.Identity(), flattened_pixels
+        info = {"weights_file": None, "checkpoint": None, "checkpoint_key": None}
+        info.update(arch="raw_pixels", epoch=None, image_size=args.image_size)
+    else:
+        model, info = frozen_backbone(args, device)
+        embed = normalized_cls
     transform = eval_transform(info["image_size"])
     splits = classification_splits(
         args.data_path, transform, transform, args.train_subset, args.test_subset, EMBEDDED_SIZES
@@ -273,7 +288,7 @@ def _features_from_backbone(
             extract_features,
             model,
             loader,
-            normalized_cls,
+            embed,
             device,
             f"{split} features",
             to_all_ranks=False,
@@ -285,16 +300,23 @@ def _features_from_backbone(
 def run_knn(args: argparse.Namespace) -> dict[str, Any]:
     """Extract (or load) features, vote for every k, report to stdout/JSON/TensorBoard."""
     check_positive(args, "nb_knn", "temperature", "batch_size_per_gpu")
-    if args.load_features and args.pretrained_weights:
-        raise EvaluationInputError("--load_features and --pretrained_weights exclude each other")
+    given = [f"--{name}" for name in SOURCES if getattr(args, name)]
+    if len(given) > 1:
+        raise EvaluationInputError(f"{' and '.join(given)} exclude each other")
+    if args.raw_pixels and not args.image_size:
+        raise EvaluationInputError(
+            "--raw_pixels needs --image_size (the side images are resized to)"
+        )
     if args.load_features:
         features, described = _features_from_disk(Path(args.load_features))
         output_dir = Path(args.output_dir or Path(args.load_features) / "eval_knn")
-    elif args.pretrained_weights:
+    elif args.pretrained_weights or args.raw_pixels:
         features, described = _features_from_backbone(args)
         output_dir = default_output_dir(args, "knn")
     else:
-        raise EvaluationInputError("give --pretrained_weights CHECKPOINT (or --load_features DIR)")
+        raise EvaluationInputError(
+            "give --pretrained_weights CHECKPOINT (or --load_features DIR, or --raw_pixels)"
+        )
     if not is_main_process():
         return {}  # rank 0 holds the gathered features and runs the search
     (train_x, train_y), (test_x, test_y) = features["train"], features["test"]

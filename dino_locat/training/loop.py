@@ -211,7 +211,7 @@ class DinoTrainer:
             state["fp16_scaler"] = self.scaler.state_dict()
         save_checkpoint(state, self.checkpoint_path)
         epoch = next_epoch - 1
-        if self.args.saveckp_freq and epoch % self.args.saveckp_freq == 0:
+        if self.args.saveckp_freq and next_epoch > 0 and epoch % self.args.saveckp_freq == 0:
             save_checkpoint(state, self.output_dir / f"checkpoint{epoch:04d}.pth")
 
     # -- training -------------------------------------------------------------------------
@@ -546,6 +546,20 @@ def build_trainer(args: argparse.Namespace) -> DinoTrainer:
         print(describe_run(args, trainer, preset), flush=True)
         print("args: " + json.dumps(plain_args(args), sort_keys=True), flush=True)
     return trainer
+
+
+def save_untrained(args: argparse.Namespace) -> dict[str, Any]:
+    """Write the checkpoint a run with ``args`` starts from (epoch 0) without training a step.
+
+    The untrained-network baseline of a comparison: the very code, seed and initialisation
+    of a real run (teacher = student), so it differs from the trained run only by training.
+    An existing checkpoint is left as it is.
+    """
+    trainer = build_trainer(args)
+    if trainer.is_main and not trainer.checkpoint_path.is_file():
+        trainer.save(0)
+        trainer.say(f"Untrained network saved to {trainer.checkpoint_path}.")
+    return {"checkpoint": str(trainer.checkpoint_path), "epoch": trainer.start_epoch}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,196 @@
+"""The study (launch/study.py) end to end on the local executor, as a user runs it.
+
+One tiny study (vit_t and locatvit_t, one seed, one epoch of depth-1 backbones on 64
+Fashion-MNIST images, every evaluator at its smallest) is interrupted once its first training
+has finished, then started again: the second start must skip that training and finish the
+rest, ending with results.json, the figure and the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dino_locat.evaluation import knn
+from dino_locat.evaluation.options import EvaluationInputError
+from dino_locat.launching.study import METRICS, get_args_parser, plan_study
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHS = ("vit_t", "locatvit_t")
+TRAIN_FLAGS = (
+    "--depth 1 --epochs 1 --warmup_epochs 0 --subset 64 --batch_size_per_gpu 16 "
+    "--global_crops_size 16 --local_crops_size 8 --knn_train_images 100 --knn_test_images 40 "
+    "--num_workers 0 --print_freq 2"
+).split()
+EVAL_FLAGS = {
+    "knn": "--train_subset 100 --test_subset 40 --nb_knn 10 20 --num_workers 0",
+    "linear": "--train_subset 100 --test_subset 40 --epochs 1 --lrs 0.01 --n_last_blocks 1 "
+    "--avgpool_patchtokens false --num_workers 0",
+    "segmentation": "--train_scenes 8 --test_scenes 4 --epochs 1 --image_size 32 --num_workers 0",
+    "hummingbird": "--train_scenes 8 --test_scenes 4 --input_size 32 --num_workers 0",
+}
+FIRST_RUN = "vit_t seed 0"
+
+
+def study_argv(out: Path, cluster: str) -> list[str]:
+    argv = [sys.executable, str(REPO / "launch" / "study.py"), "--output_dir", str(out)]
+    argv += ["--archs", *ARCHS, "--seeds", "0", "--cluster", cluster, *TRAIN_FLAGS]
+    for name, flags in EVAL_FLAGS.items():
+        argv += ["--eval_args", f"{name}={flags}"]
+    return argv
+
+
+def fingerprint(path: Path) -> tuple[int, str]:
+    return path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    """Start the study on the local executor, stop it (Ctrl-C) right after the first training
+    finished, start it again; return both outputs and the first checkpoint's fingerprint."""
+    out = tmp_path_factory.mktemp("study") / "study"
+    first = subprocess.Popen(
+        study_argv(out, "local"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        # Ctrl-C must reach it even when pytest itself runs with SIGINT ignored (a background
+        # job of a non-interactive shell): Python only handles SIGINT that is not ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if line.startswith(f"[study] {FIRST_RUN} finished in"):
+            first.send_signal(signal.SIGINT)
+            break
+    rest, _ = first.communicate(timeout=120)
+    interrupted = "".join(seen) + rest
+    assert first.returncode == 130, interrupted[-3000:]
+    checkpoint = out / "runs" / "vit_t_seed0" / "checkpoint.pth"
+    before = fingerprint(checkpoint)
+    # Started again in-process (debug): each of its 20 jobs would otherwise pay a Python
+    # start-up with torch; what is skipped does not depend on the executor.
+    second = subprocess.run(
+        study_argv(out, "debug"), capture_output=True, text=True, cwd=REPO, timeout=600
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return {
+        "out": out,
+        "interrupted": interrupted,
+        "resumed": second.stdout,
+        "checkpoint": checkpoint,
+        "before": before,
+    }
+
+
+def test_interrupted_study_does_not_redo_a_finished_run(study):
+    assert "[study] interrupted: rerun the same command" in study["interrupted"]
+    assert f"[study] skipped {FIRST_RUN}: finished" in study["resumed"]
+    assert f"[study] === {FIRST_RUN} " not in study["resumed"]
+    assert fingerprint(study["checkpoint"]) == study["before"]
+    # The evaluation that the interruption cut short runs again, and so does the rest.
+    assert f"[study] === knn of {FIRST_RUN} " in study["resumed"]
+    assert "[study] === locatvit_t seed 0 " in study["resumed"]
+
+
+def test_study_writes_results_figure_and_table(study):
+    out = study["out"]
+    results = json.loads((out / "results.json").read_text())
+    records = results["records"]
+    networks = [(r["network"], r["arch"], r["evaluation"]) for r in records]
+    evaluators = ("knn", "linear", "segmentation", "hummingbird")
+    expected = [("raw_pixels", None, "knn")]
+    expected += [(n, a, e) for n in ("untrained", "trained") for a in ARCHS for e in evaluators]
+    assert sorted(networks, key=str) == sorted(expected, key=str)
+    assert results["failed"] == [] and results["code_version"]
+    for record in records:
+        assert record["code_version"] and record["evaluation_flags"]
+        values = [v for v in record["metrics"].values()]
+        assert len(values) == 1 and 0 <= values[0] <= 100, record
+    # Identical settings apart from the backbone: the two trained runs' flags differ only there.
+    trained = {r["arch"]: r["training_flags"] for r in records if r["network"] == "trained"}
+    differ = {k for k in trained["vit_t"] if trained["vit_t"][k] != trained["locatvit_t"][k]}
+    assert differ == {"arch", "output_dir"}
+    assert trained["vit_t"]["depth"] == 1 and trained["vit_t"]["preset"] == "study"
+    # The table: one row per metric, each arch's mean with its number of seeds, the difference.
+    rows = {row["metric"]: row for row in results["summary"]}
+    assert set(rows) == set(METRICS)
+    for row in rows.values():
+        entry = row["archs"]["locatvit_t"]
+        assert entry["seeds"] == 1 and entry["std"] is None
+        assert entry["difference"] == pytest.approx(entry["mean"] - row["archs"]["vit_t"]["mean"])
+        assert entry["verdict"] == "no spread (one seed)"
+        assert row["archs"]["vit_t"]["untrained"] is not None
+    assert rows["knn_top1"]["raw_pixels"] is not None
+    table = (out / "table.md").read_text().strip().splitlines()
+    assert table[0].startswith("| metric | vit_t mean ± std (n) | locatvit_t mean ± std (n)")
+    assert table[0].endswith("| locatvit_t − vit_t |") and len(table) == 2 + len(METRICS)
+    assert "\n".join(table) in study["resumed"]
+    for line, (_, _, label) in zip(table[2:], METRICS.values(), strict=True):
+        assert line.startswith(f"| {label} |") and line.endswith("(no spread (one seed)) |")
+    with Image.open(out / "study.png") as figure:
+        assert figure.format == "PNG" and figure.width >= 1000
+    # Every piece ran as a submitit job in its own folder.
+    for record in records:
+        folder = Path(record["results_file"]).parent
+        assert list((folder / "jobs").iterdir()), folder
+
+
+def test_plan_is_identical_but_for_the_backbone_and_sized_by_the_budget(tmp_path):
+    args = get_args_parser().parse_args(["--output_dir", str(tmp_path)])
+    pieces = plan_study(args)
+    trains = [p for p in pieces if p.kind == "train"]
+    assert [(p.arch, p.seed) for p in trains] == [
+        ("vit_t", 0), ("locatvit_t", 0), ("vit_t", 1), ("locatvit_t", 1),
+    ]  # fmt: skip
+    assert all(p.args.preset == "study" and p.args.depth is None for p in trains)
+    assert sum(1 for p in pieces if p.kind == "eval") == 1 + 6 * 4
+    total_min = sum(p.estimate_s for p in pieces) / 60
+    assert 30 <= total_min <= 90, total_min  # quiet-machine ETA; 2 h holds at twice the load
+    small = plan_study(get_args_parser().parse_args(["--output_dir", str(tmp_path), "--budget",
+                                                     "small"]))  # fmt: skip
+    assert sum(p.estimate_s for p in small) < 0.7 * total_min * 60
+    assert {p.args.depth for p in small if p.kind == "train"} == {6}
+    large = get_args_parser().parse_args(["--output_dir", str(tmp_path), "--budget", "large"])
+    large_trains = [p for p in plan_study(large) if p.kind == "train"]
+    assert len(large_trains) == 6 and {p.args.patch_size for p in large_trains} == {4}
+    # A flag the user passes wins over the budget.
+    mine = get_args_parser().parse_args(["--output_dir", str(tmp_path), "--budget", "small",
+                                         "--depth", "3", "--seeds", "5"])  # fmt: skip
+    assert {(p.args.depth, p.seed) for p in plan_study(mine) if p.kind == "train"} == {(3, 5)}
+
+
+def test_rerun_with_other_training_flags_is_refused(study):
+    argv = ["--output_dir", str(study["out"]), "--seeds", "0", *TRAIN_FLAGS, "--lr", "0.5"]
+    first = next(p for p in plan_study(get_args_parser().parse_args(argv)) if p.kind == "train")
+    with pytest.raises(ValueError, match="holds a run with other flags: --lr 0.01"):
+        first.done()
+
+
+def test_user_data_path_uses_dino_defaults(tmp_path):
+    data = tmp_path / "data" / "train"
+    (data / "a").mkdir(parents=True)
+    args = get_args_parser().parse_args(["--output_dir", str(tmp_path), "--data_path", str(data)])
+    trains = [p for p in plan_study(args) if p.kind == "train"]
+    assert all(p.args.preset == "main" and p.args.epochs == 100 for p in trains)
+    assert all(p.estimate_s is None for p in trains)
+    assert os.fspath(trains[0].args.data_path) == str(data.resolve())
+
+
+def test_raw_pixel_knn_takes_no_backbone_and_needs_a_size(tmp_path):
+    parser = knn.get_args_parser()
+    both = parser.parse_args(["--raw_pixels", "--image_size", "16", "--pretrained_weights", "x"])
+    with pytest.raises(EvaluationInputError, match="--pretrained_weights and --raw_pixels"):
+        knn.run_knn(both)
+    with pytest.raises(EvaluationInputError, match="--raw_pixels needs --image_size"):
+        knn.run_knn(parser.parse_args(["--raw_pixels"]))
