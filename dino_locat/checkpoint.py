@@ -12,7 +12,6 @@ import argparse
 import math
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dino_locat.files import atomic_write
 from dino_locat.models import build_backbone, canonical_arch
 from dino_locat.models.compile import COMPILE_PREFIX
 
@@ -49,27 +49,10 @@ def plain_args(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
     return {str(k): plain(v) for k, v in items.items()}
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically; the previous file stays intact until rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(state), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes it 0600
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """Write ``state`` to ``path`` atomically; the previous file stays intact until rename,
+    and the folder entry is fsynced so the rename survives a power cut."""
+    path = atomic_write(path, lambda handle: torch.save(dict(state), handle))
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -7,32 +7,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dino_locat.checkpoint import save_checkpoint
 from dino_locat.distributed import is_main_process
+from dino_locat.files import atomic_write
 from dino_locat.logging import tensorboard_writer
 
 
 def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     """Write ``data`` as JSON via a temp file + rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, allow_nan=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 class _Unwritten:

@@ -38,6 +38,7 @@ import submitit
 
 from dino_locat.checkpoint import checkpoint_args, load_checkpoint, plain_args
 from dino_locat.evaluation.report import write_json_atomic
+from dino_locat.files import atomic_write
 from dino_locat.launching.executors import fresh_job_folder
 from dino_locat.launching.follow import QUEUED_STATES, follow
 from dino_locat.launching.jobs import ResumableJob
@@ -56,7 +57,6 @@ from dino_locat.training import get_args_parser as training_args_parser
 from dino_locat.training import main as train_main
 from dino_locat.training.args import resolve_args
 from dino_locat.training.loop import save_untrained
-from dino_locat.visualization.figures import atomic_write
 from dino_locat.visualization.study import MetricPanel, OnlineCurve, study_figure
 from dino_locat.visualization.trends import trends_from_tensorboard
 

@@ -9,11 +9,9 @@ panel plus a ``TITLE_PX`` band on top, at ``DPI``; the var/alpha and trend summa
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -21,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+from dino_locat.files import atomic_write
 
 DPI = 100
 PANEL_PX = 150
@@ -202,24 +202,6 @@ def var_alpha_figure(values: Sequence[dict[str, np.ndarray]], cap: float, title:
         ax.set_xlabel("block")
         ax.set_xlim(-0.7, len(values) - 0.3)
     return fig
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file via ``write(handle)`` to a temp file + rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_png(fig: Figure, path: str | os.PathLike) -> Path:

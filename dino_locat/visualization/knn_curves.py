@@ -19,7 +19,8 @@ from typing import Any
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dino_locat.checkpoint import checkpoint_args, load_checkpoint
-from dino_locat.visualization.figures import atomic_write, new_figure, save_png
+from dino_locat.files import atomic_write
+from dino_locat.visualization.figures import new_figure, save_png
 
 # Flags that describe a sweep configuration (shown in the table when they differ).
 SWEEP_FLAGS = (
