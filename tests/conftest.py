@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +89,29 @@ def tiny_training_argv(output_dir: Path, data_path: Path | None = None, **flags)
     for name, value in settings.items():
         argv += [f"--{name}", str(value)]
     return argv
+
+
+def one_thread_env() -> dict[str, str]:
+    """The environment of a training subprocess in a test: one intra-op thread."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def kill_at_line(command: list[str], prefix: str) -> list[str]:
+    """Run ``command`` and SIGKILL it as soon as it prints a line starting with ``prefix``
+    (a crash at a known point); return the lines seen, and fail if it ended otherwise."""
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=one_thread_env()
+    )
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(prefix):
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    return seen

@@ -9,14 +9,12 @@ inductor's on-disk cache makes the second and third processes compile faster.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from conftest import tiny_training_argv
+from conftest import kill_at_line, one_thread_env, tiny_training_argv
 
 from dino_locat.checkpoint import load_pretrained_backbone, save_checkpoint
 
@@ -28,13 +26,9 @@ def command(out: Path) -> list[str]:
     return [sys.executable, "-u", "-m", "dino_locat.training", *argv, "--compile"]
 
 
-def environment() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
 def run_to_end(out: Path) -> str:
     proc = subprocess.run(
-        command(out), capture_output=True, text=True, env=environment(), timeout=900
+        command(out), capture_output=True, text=True, env=one_thread_env(), timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -42,20 +36,7 @@ def run_to_end(out: Path) -> str:
 
 def kill_in_epoch_two(out: Path) -> None:
     """SIGKILL the run at its first step of epoch 2 (epoch 1 is checkpointed by then)."""
-    proc = subprocess.Popen(
-        command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=environment(),
-    )  # fmt: skip
-    try:
-        for line in proc.stdout:
-            if line.startswith(f"Epoch [2/{EPOCHS}] [1/{STEPS}]"):
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_line(command(out), f"Epoch [2/{EPOCHS}] [1/{STEPS}]")
 
 
 def with_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,14 +4,12 @@ run (real subprocesses, real Fashion-MNIST images, drop path on, loader workers 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from conftest import tiny_training_argv
+from conftest import kill_at_line, one_thread_env, tiny_training_argv
 
 EPOCHS = 3
 STEPS = 12  # 48 images / batch 4
@@ -32,13 +30,9 @@ def command(out: Path, workers: int) -> list[str]:
     return [sys.executable, "-u", "-m", "dino_locat.training", *argv]
 
 
-def environment() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
 def run_to_end(out: Path, workers: int) -> str:
     proc = subprocess.run(
-        command(out, workers), capture_output=True, text=True, env=environment(), timeout=600
+        command(out, workers), capture_output=True, text=True, env=one_thread_env(), timeout=600
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -46,26 +40,7 @@ def run_to_end(out: Path, workers: int) -> str:
 
 def kill_during_epoch_two(out: Path, workers: int) -> list[str]:
     """Start the run and SIGKILL it once it has logged step 2 of epoch 2."""
-    proc = subprocess.Popen(
-        command(out, workers),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=environment(),
-    )
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith(f"Epoch [2/{EPOCHS}] [ 2/{STEPS}]"):
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
-    return seen
+    return kill_at_line(command(out, workers), f"Epoch [2/{EPOCHS}] [ 2/{STEPS}]")
 
 
 def test_killed_mid_epoch_two_and_restarted_equals_an_uninterrupted_run(tmp_path):
