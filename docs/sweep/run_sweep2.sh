@@ -23,6 +23,7 @@ configs=(
   "r_vit --arch vit_t --epochs 4 $g"
   "r_m95c --arch locatvit_t --epochs 4 $g --momentum_teacher 0.95 --momentum_teacher_end 0.95"
   "r_m90c --arch locatvit_t --epochs 4 $g --momentum_teacher 0.9 --momentum_teacher_end 0.9"
+  "s_mconst --arch locatvit_s --epochs 4 $g --momentum_teacher_end 0.99"
 )
 wanted=" $* "
 dirs=()
