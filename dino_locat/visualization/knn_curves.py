@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dino_locat.checkpoint import checkpoint_args, load_checkpoint
 from dino_locat.files import atomic_write
 from dino_locat.visualization.figures import new_figure, save_png
+from dino_locat.visualization.trends import event_dirs
 
 # Flags that describe a sweep configuration (shown in the table when they differ).
 SWEEP_FLAGS = (
@@ -115,9 +117,8 @@ def read_run(run_dir: str | os.PathLike, name: str | None = None) -> RunCurve:
 
 def read_signals(log_dir: Path) -> dict[str, list[tuple[int, float]]] | None:
     """The run's ``signals/*`` scalars as (step, value) lists, or None without event files."""
-    folders = sorted({p.parent for p in log_dir.rglob("events.out.tfevents.*")})
     series: dict[str, dict[int, float]] = {}
-    for folder in folders:
+    for folder in event_dirs(log_dir):
         events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
         events.Reload()
         for tag, _, _ in SIGNAL_PANELS:
@@ -171,6 +172,22 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _finish(
+    fig: Figure,
+    path: str | os.PathLike,
+    title: str,
+    left: float,
+    bottom: float,
+    top: tuple[float, float],
+) -> Path:
+    """Legend in the first panel, the title, margins (``top`` without / with a title); save."""
+    fig.axes[0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=left, right=0.99, bottom=bottom, top=top[1] if title else top[0])
+    return save_png(fig, path)
+
+
 def plot_knn_curves(runs: Sequence[RunCurve], path: str | os.PathLike, title: str = "") -> Path:
     """Teacher (left) and student (right) 20-NN top-1 against training minutes; each
     panel marks the raw-pixel baseline (dashed) and starts at the untrained network."""
@@ -188,11 +205,7 @@ def plot_knn_curves(runs: Sequence[RunCurve], path: str | os.PathLike, title: st
         ax.set_title(f"{label}: 20-NN top-1 (%)", fontsize=10)
         ax.set_xlabel("training minutes (k-NN time excluded)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.11, top=0.88 if title else 0.93)
-    return save_png(fig, path)
+    return _finish(fig, path, title, left=0.06, bottom=0.11, top=(0.93, 0.88))
 
 
 def plot_signal_curves(runs: Sequence[RunCurve], path: str | os.PathLike, title: str = "") -> Path:
@@ -213,11 +226,7 @@ def plot_signal_curves(runs: Sequence[RunCurve], path: str | os.PathLike, title:
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.86 if title else 0.92)
-    return save_png(fig, path)
+    return _finish(fig, path, title, left=0.05, bottom=0.12, top=(0.92, 0.86))
 
 
 def write_curves(

@@ -112,7 +112,8 @@ def trends_from_checkpoints(
     )
 
 
-def _event_dirs(log_dir: Path) -> list[Path]:
+def event_dirs(log_dir: Path) -> list[Path]:
+    """The folders under ``log_dir`` that hold TensorBoard event files."""
     return sorted({p.parent for p in log_dir.rglob("events.out.tfevents.*")})
 
 
@@ -136,7 +137,7 @@ def trends_from_tensorboard(log_dir: str | os.PathLike) -> GaugTrends:
     """
     series: dict[tuple[str, int], dict[int, float]] = {}
     steps: dict[str, list[int]] = {}
-    for folder in _event_dirs(Path(log_dir)):
+    for folder in event_dirs(Path(log_dir)):
         events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
         events.Reload()
         for tag in events.Tags()["scalars"]:
