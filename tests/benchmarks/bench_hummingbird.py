@@ -14,7 +14,9 @@ with float16 soft labels over 21 classes, and 100,000 query patches, k = 30, sof
 
 The bank itself is the floor; the target is peak RSS of ``ours``, less what the imports
 (python, torch, faiss) hold before any data, <= bank + labels + 1 GB (GB = 1e9 bytes): no
-second full copy of the memory. Run by hand; the full size takes about 45 minutes of 2 cores:
+second full copy of the memory. Run by hand; the full size took 73 minutes on 2 idle cores
+(ours 1,842 s search + vote at 5.36 GB peak RSS, torch 2,510 s at 5.65 GB; see
+docs/benchmarks/hummingbird_full.txt):
     python tests/benchmarks/bench_hummingbird.py [--memory N --queries Q --dim D --k K]
 """
 
