@@ -51,7 +51,7 @@ from dino_locat.launching.submission import (
     EVALUATORS,
     _eval_resources,
     _submit,
-    eval_list,
+    add_eval_flags,
 )
 from dino_locat.training import get_args_parser as training_args_parser
 from dino_locat.training import main as train_main
@@ -243,21 +243,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     study.add_argument("--output_dir", default="output/study", help="(default: %(default)s)")
-    study.add_argument(
-        "--eval",
-        type=eval_list,
-        default=list(EVALUATORS),
-        metavar="NAMES",
-        help=f"evaluators (default: {','.join(EVALUATORS)})",
-    )
-    study.add_argument(
-        "--eval_args",
-        action="append",
-        default=[],
-        metavar="NAME=FLAGS",
-        help="extra flags for one evaluator, after the budget's, e.g. 'knn=--data_path "
-        "/data/imagenet' (repeatable)",
-    )
+    add_eval_flags(study, default=list(EVALUATORS))
     study.add_argument(
         "--no_untrained", action="store_true", help="skip the untrained-network baselines"
     )

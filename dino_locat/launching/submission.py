@@ -52,20 +52,15 @@ def eval_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def add_chaining_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """``--eval`` / ``--eval_args``: evaluations to run on the checkpoint a training leaves."""
-    group = parser.add_argument_group(
-        "evaluation after training",
-        "evaluators run on OUTPUT_DIR/checkpoint.pth once the training succeeded, each as its "
-        "own job (SLURM: submitted now, starting after the training with afterok; local: one "
-        "after another). Results go to OUTPUT_DIR/eval_<name>/results.json.",
-    )
+def add_eval_flags(group: argparse._ActionsContainer, default: list[str]) -> None:
+    """``--eval`` / ``--eval_args`` with their parsing: one definition for every launcher."""
     group.add_argument(
         "--eval",
         type=eval_list,
-        default=[],
+        default=default,
         metavar="NAMES",
-        help=f"comma-separated evaluators: {','.join(EVALUATORS)}",
+        help=f"comma-separated evaluators: {','.join(EVALUATORS)} "
+        f"(default: {','.join(default) or 'none'})",
     )
     group.add_argument(
         "--eval_args",
@@ -75,6 +70,17 @@ def add_chaining_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         help="flags for one evaluator, e.g. --eval_args 'knn=--nb_knn 10 20 --train_subset "
         "2000' (repeatable; see `python eval/knn.py --help`)",
     )
+
+
+def add_chaining_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--eval`` / ``--eval_args``: evaluations to run on the checkpoint a training leaves."""
+    group = parser.add_argument_group(
+        "evaluation after training",
+        "evaluators run on OUTPUT_DIR/checkpoint.pth once the training succeeded, each as its "
+        "own job (SLURM: submitted now, starting after the training with afterok; local: one "
+        "after another). Results go to OUTPUT_DIR/eval_<name>/results.json.",
+    )
+    add_eval_flags(group, default=[])
     return group
 
 
