@@ -101,11 +101,16 @@ def trained_with_dino_code(ckpt: Any) -> bool:
 
 
 def pos_embed_rule(ckpt: Any, requested: str = "auto") -> str:
-    """The position-embedding resampling to evaluate ``ckpt`` with: DINO's rule for what
-    DINO's code trained (its published numbers were measured that way), timm's otherwise;
+    """The position-embedding resampling to evaluate ``ckpt`` with: the rule it was trained
+    with where it records one (our training's ``pos_embed_interpolation``), DINO's rule for
+    what DINO's code trained (its published numbers were measured that way), timm's
+    otherwise (our checkpoints from before the rule was recorded trained with timm's);
     ``requested`` (``timm``/``dino``) forces one."""
     if requested != "auto":
         return requested
+    recorded = checkpoint_args(ckpt).get("pos_embed_interpolation")
+    if recorded in ("timm", "dino"):
+        return recorded
     return "dino" if trained_with_dino_code(ckpt) else "timm"
 
 

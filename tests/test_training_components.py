@@ -175,3 +175,32 @@ def test_study_preset_fills_the_comparison_recipe_and_refuses_data_path():
     assert STUDY_PRESET != EMBEDDED_PRESET
     with pytest.raises(ValueError, match="--preset study"):
         resolve_args(parser.parse_args(["--preset", "study", "--data_path", "/x"]))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lr", "0"], "--lr must be a positive number"),
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--teacher_temp", "0"], "--teacher_temp must be a positive number"),
+        (["--warmup_teacher_temp", "-0.1"], "--warmup_teacher_temp must be a positive"),
+        (["--min_lr=-1e-6"], "--min_lr must be >= 0"),
+        (["--weight_decay", "-0.1"], "--weight_decay must be >= 0"),
+        (["--weight_decay_end", "-0.1"], "--weight_decay_end must be >= 0"),
+        (["--clip_grad", "-1"], "--clip_grad must be >= 0"),
+        (["--momentum_teacher", "1.5"], r"--momentum_teacher must be in \[0, 1\]"),
+        (["--momentum_teacher_end", "-0.5"], r"--momentum_teacher_end must be in \[0, 1\]"),
+        (["--koleo_loss_weight", "-0.1"], "--koleo_loss_weight must be >= 0"),
+        (["--drop_path_rate", "1"], "--drop_path_rate must be below 1"),
+        (["--koleo_loss_weight", "0.1", "--batch_size_per_gpu", "1"], "at least 2 images"),
+    ],
+)
+def test_flags_are_checked_up_front_naming_the_flag(flags, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_args(get_args_parser().parse_args(flags))
+
+
+def test_help_quotes_each_presets_own_value_and_the_momentum_end_flag():
+    text = " ".join(get_args_parser().format_help().split())
+    assert "--preset main 4096, study 256" in text  # --out_dim
+    assert "cosine to the end value" in text and "cosine to 1" not in text

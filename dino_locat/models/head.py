@@ -86,7 +86,11 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: Tensor | list[Tensor]) -> Tensor:
+    def forward(
+        self, crops: Tensor | list[Tensor], return_features: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Head outputs; with ``return_features`` also the backbone embeddings the head read
+        (same row order), for regularisers on the backbone output such as KoLeo."""
         if isinstance(crops, Tensor):
             crops = [crops]
         groups: list[list[Tensor]] = []
@@ -96,4 +100,6 @@ class MultiCropWrapper(nn.Module):
             else:
                 groups.append([crop])
         features = torch.cat([self.backbone(torch.cat(group)) for group in groups])
+        if return_features:
+            return self.head(features), features
         return self.head(features)

@@ -8,11 +8,14 @@ CPU preset (without), so any flag the user actually passes always wins.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
 from dino_locat.models import ARCH_NAMES, canonical_arch
+from dino_locat.models.vision_transformer import POS_EMBED_INTERPOLATIONS
 from dino_locat.options import bool_flag
+from dino_locat.training.loss import CENTERINGS
 
 # DINO's own defaults for the flags that the embedded preset may change.
 DINO_DEFAULTS: dict[str, Any] = {
@@ -87,7 +90,9 @@ PRESETS: dict[str, dict[str, Any]] = {"main": EMBEDDED_PRESET, "study": STUDY_PR
 
 
 def _preset_help(name: str, text: str) -> str:
-    return f"{text} (default: {DINO_DEFAULTS[name]}; Fashion-MNIST preset: {EMBEDDED_PRESET[name]})"
+    """Help text quoting DINO's default and each preset's own value for ``name``."""
+    presets = ", ".join(f"{preset} {values[name]}" for preset, values in PRESETS.items())
+    return f"{text} (default: {DINO_DEFAULTS[name]}; without --data_path, --preset {presets})"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -115,12 +120,25 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument(
         "--momentum_teacher",
         type=float,
-        help=_preset_help("momentum_teacher", "base EMA momentum, cosine to 1"),
+        help=_preset_help(
+            "momentum_teacher", "teacher EMA momentum at the first step, cosine to the end value"
+        ),
     )
     model.add_argument(
         "--momentum_teacher_end",
         type=float,
-        help=_preset_help("momentum_teacher_end", "final EMA momentum of the cosine schedule"),
+        help=_preset_help(
+            "momentum_teacher_end", "teacher EMA momentum at the last step (DINO: 1.0)"
+        ),
+    )
+    model.add_argument(
+        "--pos_embed_interpolation",
+        choices=POS_EMBED_INTERPOLATIONS,
+        default="dino",
+        help="how the position embedding is resampled for crops of another size than the "
+        "global crops: dino (DINO's rule: bicubic, scale factor (n + 0.1) / n0, no "
+        "antialias) or timm (bicubic with antialias); recorded in the checkpoint, and the "
+        "evaluators follow it (default: dino)",
     )
     model.add_argument(
         "--drop_path_rate", type=float, help=_preset_help("drop_path_rate", "stochastic depth")
@@ -141,6 +159,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     temp.add_argument(
         "--warmup_teacher_temp_epochs", type=int, default=0, help="warm-up epochs (0)"
+    )
+
+    dinov2 = parser.add_argument_group("DINOv2 options (off by default: the step stays DINO's)")
+    dinov2.add_argument(
+        "--centering",
+        choices=CENTERINGS,
+        default="centering",
+        help="teacher targets: centering (DINO's EMA centre + softmax) or sinkhorn_knopp "
+        "(DINOv2's 3 Sinkhorn-Knopp iterations over the global batch) (default: centering)",
+    )
+    dinov2.add_argument(
+        "--koleo_loss_weight",
+        type=float,
+        default=0.0,
+        help="weight of DINOv2's KoLeo regulariser on the student's CLS embedding of each "
+        "global crop, per process (DINOv2: 0.1; default: 0 = off)",
     )
 
     optim = parser.add_argument_group("optimisation")
@@ -247,6 +281,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--saveckp_freq",
         type=int,
         help=_preset_help("saveckp_freq", "also keep checkpointNNNN.pth every N epochs, 0 = never"),
+    )
+    misc.add_argument(
+        "--accept_changed_flags",
+        action="store_true",
+        help="resume even though schedule- or data-defining flags (--epochs, --lr, --seed, "
+        "batch size, number of processes, ...) differ from the checkpoint's; the changes are "
+        "printed and recorded, and the run no longer replays an uninterrupted one",
     )
     misc.add_argument("--seed", type=int, default=0, help="random seed (0)")
     misc.add_argument(
@@ -361,6 +402,29 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("momentum_teacher", "momentum_teacher_end"):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    for name in ("lr", "teacher_temp", "warmup_teacher_temp"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} must be a positive number, got {value}")
+    for name in (
+        "min_lr",
+        "weight_decay",
+        "weight_decay_end",
+        "clip_grad",
+        "koleo_loss_weight",
+        "drop_path_rate",
+    ):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            hint = " (0 disables clipping)" if name == "clip_grad" else ""
+            raise ValueError(f"--{name} must be >= 0{hint}, got {value}")
+    if args.drop_path_rate >= 1:
+        raise ValueError(f"--drop_path_rate must be below 1, got {args.drop_path_rate}")
+    if args.koleo_loss_weight > 0 and args.batch_size_per_gpu < 2:
+        raise ValueError(
+            "--koleo_loss_weight needs at least 2 images per process to find neighbours; "
+            f"raise --batch_size_per_gpu (now {args.batch_size_per_gpu})"
+        )
     if args.knn_data_path is not None:
         for split in ("train", "val"):
             if not (Path(args.knn_data_path) / split).is_dir():

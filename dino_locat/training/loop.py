@@ -39,7 +39,7 @@ from dino_locat.models.compile import compile_blocks, strip_compile_prefix
 from dino_locat.models.head import DINOHead, MultiCropWrapper
 from dino_locat.schedules import cosine_schedule
 from dino_locat.training.args import resolve_args
-from dino_locat.training.loss import DINOLoss
+from dino_locat.training.loss import DINOLoss, koleo_loss
 from dino_locat.training.online_knn import build_knn_probe, knn_summary
 from dino_locat.training.optim import (
     clip_gradients_per_tensor,
@@ -47,6 +47,7 @@ from dino_locat.training.optim import (
     param_groups,
     update_teacher,
 )
+from dino_locat.training.resume import RECIPE_KEYS, SHAPE_KEYS, changed_flags, describe_changes
 from dino_locat.training.signals import (
     SIGNAL_COLUMNS,
     AlarmMonitor,
@@ -54,8 +55,6 @@ from dino_locat.training.signals import (
     alarm_start_step,
 )
 
-# Args that must match for a checkpoint to be resumed (they shape the weights).
-RESUME_KEYS = ("arch", "patch_size", "depth", "out_dim", "global_crops_size", "norm_last_layer")
 CHECKPOINT = "checkpoint.pth"
 VIS_IMAGES = 4
 
@@ -74,6 +73,7 @@ def build_student_teacher(args: argparse.Namespace) -> tuple[MultiCropWrapper, M
             img_size=args.global_crops_size,
             patch_size=args.patch_size,
             drop_path_rate=drop_path_rate,
+            pos_embed_interpolation=args.pos_embed_interpolation,
             **extra,
         )
         head = DINOHead(backbone.embed_dim, args.out_dim, norm_last_layer=norm_last_layer)
@@ -140,6 +140,7 @@ class DinoTrainer:
             args.teacher_temp,
             args.warmup_teacher_temp_epochs,
             args.epochs,
+            centering=args.centering,
         ).to(device)
         self.optimizer = torch.optim.AdamW(param_groups(self.student))
         self.scaler = torch.amp.GradScaler("cuda") if args.use_fp16 else None
@@ -165,6 +166,7 @@ class DinoTrainer:
         self.knn_history: list[dict[str, Any]] = []
         self.knn_raw_pixels: float | None = None
         self.train_seconds = 0.0
+        self.flag_changes: list[dict[str, Any]] = []
         self.start_epoch = self.resume()
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -173,14 +175,7 @@ class DinoTrainer:
         if not self.checkpoint_path.is_file():
             return 0
         ckpt = load_checkpoint(self.checkpoint_path)
-        stored = checkpoint_args(ckpt)
-        for key in RESUME_KEYS:
-            if stored.get(key) != getattr(self.args, key):
-                raise CheckpointError(
-                    f"cannot resume from {self.checkpoint_path}: it was trained with "
-                    f"{key}={stored.get(key)!r} but this run has --{key} "
-                    f"{getattr(self.args, key)!r}; use another --output_dir or the same flags"
-                )
+        self.check_resume_flags(ckpt)
         try:
             self.student.load_state_dict(strip_compile_prefix(ckpt["student"]))
             self.teacher.load_state_dict(strip_compile_prefix(ckpt["teacher"]))
@@ -192,9 +187,46 @@ class DinoTrainer:
             self.knn_history = list(online.get("history", []))
             self.knn_raw_pixels = online.get("raw_pixels")
             self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+            self.flag_changes = list(ckpt.get("flag_changes", [])) + self.flag_changes
             return int(ckpt["epoch"])
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"cannot resume from {self.checkpoint_path}: {err}") from err
+
+    def check_resume_flags(self, ckpt: dict[str, Any]) -> None:
+        """Refuse a resume whose flags would not replay the checkpoint's run.
+
+        Flags that shape the weights always refuse; schedule-, data- and randomness-defining
+        ones refuse unless ``--accept_changed_flags``, which prints and records the change.
+        """
+        stored = checkpoint_args(ckpt)
+        if "world_size" in ckpt:
+            stored["world_size"] = ckpt["world_size"]
+        current = {**plain_args(self.args), "world_size": self.env.world_size}
+        where = f"cannot resume from {self.checkpoint_path}"
+        shape = changed_flags(stored, current, SHAPE_KEYS)
+        if shape:
+            raise CheckpointError(
+                f"{where}: its weights were trained with other shapes ({describe_changes(shape)}"
+                "); use another --output_dir or the checkpoint's flags"
+            )
+        recipe = changed_flags(stored, current, RECIPE_KEYS)
+        if not recipe:
+            return
+        if not getattr(self.args, "accept_changed_flags", False):
+            raise CheckpointError(
+                f"{where}: these flags differ from the checkpoint's ({describe_changes(recipe)}); "
+                "run with the checkpoint's flags to continue it exactly, pass "
+                "--accept_changed_flags to continue with the new ones, or use another --output_dir"
+            )
+        epoch = int(ckpt.get("epoch", 0))
+        self.say(
+            f"Resuming at epoch {epoch} with changed flags (--accept_changed_flags): "
+            f"{describe_changes(recipe)}; the schedules follow the new flags from here, so "
+            "the run no longer replays an uninterrupted one."
+        )
+        self.flag_changes.append(
+            {"epoch": epoch, "changes": {k: list(v) for k, v in recipe.items()}}
+        )
 
     def save(self, next_epoch: int) -> None:
         state = {
@@ -206,6 +238,8 @@ class DinoTrainer:
             "dino_loss": self.dino_loss.state_dict(),
             "online_knn": {"history": self.knn_history, "raw_pixels": self.knn_raw_pixels},
             "train_seconds": self.train_seconds,
+            "world_size": self.env.world_size,
+            "flag_changes": self.flag_changes,
         }
         if self.scaler is not None:
             state["fp16_scaler"] = self.scaler.state_dict()
@@ -303,6 +337,7 @@ class DinoTrainer:
         self.student_step.train()
         signals = torch.zeros(self.niter, len(SIGNAL_COLUMNS), device=device)
         losses = signals[:, 0]
+        totals = signals[:, 0] + signals[:, SIGNAL_COLUMNS.index("koleo")]
         progress = Progress(
             self.loader,
             self.niter,
@@ -317,13 +352,13 @@ class DinoTrainer:
                 crops, epoch, epoch * self.niter + i, record and progress.due
             )
             if progress.due:
-                self.check_losses(losses[checked : i + 1], epoch, checked)
+                self.check_losses(totals[checked : i + 1], epoch, checked)
                 self.log_step(writer, progress, signals[checked : i + 1], epoch, checked, record)
                 checked = i + 1
         total = all_reduce_sum(losses.sum().reshape(1))
         mean_loss = total.item() / (self.niter * self.env.world_size)
         if not math.isfinite(mean_loss):
-            self.check_losses(losses, epoch, 0)
+            self.check_losses(totals, epoch, 0)
         elapsed = time.perf_counter() - progress.start
         last = (epoch + 1) * self.niter - 1
         if self.is_main:
@@ -355,11 +390,17 @@ class DinoTrainer:
         crops = [crop.to(self.device, non_blocking=True) for crop in crops]
         recording = self.teacher.backbone.recording_gaug() if record else nullcontext()
         fp16 = self.scaler is not None
+        koleo = torch.zeros((), device=self.device)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=fp16):
             with torch.no_grad(), recording:
                 teacher_output = self.teacher(crops[:2])
-            student_output = self.student_step(crops)
-            loss = self.dino_loss(student_output, teacher_output, epoch)
+            if args.koleo_loss_weight:
+                student_output, features = self.student_step(crops, return_features=True)
+                global_features = features[: 2 * len(crops[0])].chunk(2)
+                koleo = args.koleo_loss_weight * sum(koleo_loss(f) for f in global_features)
+            else:
+                student_output = self.student_step(crops)
+            loss = self.dino_loss(student_output, teacher_output, epoch) + koleo
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
@@ -376,7 +417,7 @@ class DinoTrainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         update_teacher(self.student, self.teacher, float(self.momentum_schedule[step]))
-        return self.dino_loss.last_signals
+        return torch.cat([self.dino_loss.last_signals, koleo.detach().reshape(1)])
 
     def check_losses(self, losses: Tensor, epoch: int, first: int) -> None:
         """Stop every rank as soon as any rank saw a NaN/inf loss (one small all-reduce)."""
@@ -393,7 +434,11 @@ class DinoTrainer:
             saved = f"{self.checkpoint_path} still holds the last good state"
         raise NonFiniteLossError(
             f"training stopped: the DINO loss {detail}; {saved}. "
-            "Try a lower --lr, a longer --warmup_epochs, or --use_fp16 false."
+            f"Flags that can cause it: --lr (now {self.args.lr}; lower it), --warmup_epochs "
+            f"(now {self.args.warmup_epochs}; lengthen it), --teacher_temp (now "
+            f"{self.args.teacher_temp}), --clip_grad (now {self.args.clip_grad}; 0 disables "
+            f"clipping), --koleo_loss_weight (now {self.args.koleo_loss_weight}) and --use_fp16 "
+            f"(now {self.args.use_fp16})."
         )
 
     def log_step(
@@ -435,6 +480,7 @@ class DinoTrainer:
                 "H(teacher)": f"{signals.teacher_entropy:.3f}/{signals.log_k:.3f}",
                 "protos": signals.prototypes_in_use,
                 "KL": signals.kl,
+                **({"koleo": signals.koleo} if self.args.koleo_loss_weight else {}),
             },
             lr=lr,
             wd=wd,
@@ -517,7 +563,9 @@ def describe_run(args: argparse.Namespace, trainer: DinoTrainer, preset: dict[st
     lines = [
         f"DINO pretraining: {args.arch} ({params:.1f}M backbone parameters), "
         f"patch {args.patch_size}, 2x{args.global_crops_size}px + "
-        f"{args.local_crops_number}x{args.local_crops_size}px crops, out_dim {args.out_dim}",
+        f"{args.local_crops_number}x{args.local_crops_size}px crops, out_dim {args.out_dim}"
+        + (f", {args.centering} targets" if args.centering != "centering" else "")
+        + (f", KoLeo weight {args.koleo_loss_weight}" if args.koleo_loss_weight else ""),
         f"Data: {trainer.data_description}",
     ]
     if preset:

@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 
 # Columns of the per-step signal rows the trainer accumulates (one row per step).
-SIGNAL_COLUMNS = ("loss", "teacher_entropy", "batch_entropy")
+# ``koleo`` is the weighted KoLeo term (0 when --koleo_loss_weight is 0); ``loss`` is the
+# DINO loss alone, so that KL = loss - teacher entropy holds with or without KoLeo.
+SIGNAL_COLUMNS = ("loss", "teacher_entropy", "batch_entropy", "koleo")
 # A teacher counts as near uniform above this fraction of ln K with KL below that fraction.
 UNIFORM_ENTROPY_FRACTION = 0.9
 UNIFORM_KL_FRACTION = 0.02
@@ -53,12 +55,13 @@ class LearningSignals:
     teacher_entropy: float
     batch_entropy: float
     out_dim: int
+    koleo: float = 0.0
 
     @classmethod
     def from_rows(cls, rows: Tensor, out_dim: int) -> LearningSignals:
-        """Average (steps, 3) rows ordered as :data:`SIGNAL_COLUMNS` (one host read)."""
-        loss, entropy, batch = rows.float().mean(dim=0).tolist()
-        return cls(loss, entropy, batch, out_dim)
+        """Average (steps, columns) rows ordered as :data:`SIGNAL_COLUMNS` (one host read)."""
+        loss, entropy, batch, *rest = rows.float().mean(dim=0).tolist()
+        return cls(loss, entropy, batch, out_dim, *rest[:1])
 
     @property
     def log_k(self) -> float:
@@ -90,6 +93,7 @@ class LearningSignals:
             "prototypes_in_use": self.prototypes_in_use,
             "kl_teacher_student": self.kl,
             "loss_over_lnK": self.loss_fraction,
+            **({"koleo": self.koleo} if self.koleo else {}),
         }
 
 
