@@ -16,18 +16,19 @@ def cosine_schedule(
     final_value: float,
     epochs: int,
     niter_per_ep: int,
-    warmup_epochs: int = 0,
+    warmup_epochs: float = 0,
     start_warmup_value: float = 0.0,
 ) -> np.ndarray:
     """``epochs * niter_per_ep`` values.
 
     Warm-up: ``linspace(start_warmup_value, base_value, W)`` over the first
-    W = ``warmup_epochs * niter_per_ep`` iterations (both ends included). Then for
+    W = ``round(warmup_epochs * niter_per_ep)`` iterations (both ends included; a fraction of
+    an epoch lets a short run on a large set keep the same warm-up share). Then for
     i = 0 .. T-1 (T the remaining iterations):
     ``final + 0.5 * (base - final) * (1 + cos(pi * i / T))``.
     """
     total = epochs * niter_per_ep
-    warmup = warmup_epochs * niter_per_ep
+    warmup = round(warmup_epochs * niter_per_ep)
     if total <= 0:
         raise ValueError(f"a schedule needs at least one iteration (epochs={epochs})")
     if warmup > total:

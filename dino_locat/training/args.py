@@ -213,7 +213,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help=_preset_help("lr", "peak learning rate at a total batch of 256 (scaled linearly)"),
     )
     optim.add_argument(
-        "--warmup_epochs", type=int, help=_preset_help("warmup_epochs", "linear lr warm-up")
+        "--warmup_epochs",
+        type=float,
+        help=_preset_help("warmup_epochs", "linear lr warm-up in epochs (fractions allowed)"),
     )
     optim.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate (1e-6)")
     optim.add_argument("--optimizer", default="adamw", choices=["adamw"], help="only AdamW")

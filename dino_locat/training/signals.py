@@ -142,11 +142,11 @@ def diagnose(signals: LearningSignals, flags: dict[str, object] | None = None) -
 
 
 def alarm_start_step(
-    niter: int, epochs: int, warmup_epochs: int, warmup_teacher_temp_epochs: int
+    niter: int, epochs: int, warmup_epochs: float, warmup_teacher_temp_epochs: int
 ) -> int:
     """First global step at which alarms may fire: after the lr and teacher-temperature
     warm-ups, and never in the first 10% of the run (every run starts uniform)."""
-    warmup = max(warmup_epochs, warmup_teacher_temp_epochs) * niter
+    warmup = round(max(warmup_epochs, warmup_teacher_temp_epochs) * niter)
     return max(warmup, math.ceil(0.1 * epochs * niter), 1)
 
 
