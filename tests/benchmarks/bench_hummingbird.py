@@ -107,7 +107,7 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory", type=int, default=2_560_000)
     parser.add_argument("--dim", type=int, default=384)
@@ -116,7 +116,10 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--child", choices=["ours", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     if args.child:
         child(args)
         return
@@ -166,4 +169,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

@@ -107,7 +107,7 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_281_167)
     parser.add_argument("--dim", type=int, default=384)
@@ -116,7 +116,10 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--child", choices=["faiss", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--ids_out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     if args.child:
         child(args)
         return
@@ -173,4 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

@@ -52,13 +52,16 @@ def timed(argv: list[str]) -> tuple[float, float]:
     return wall, cpu
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="locatvit_t")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="default")
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--work_dir", default="/tmp/study_bench")
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     budget = BUDGETS[args.budget]
     work = Path(args.work_dir)
     flags = [f"--{k}={v}" for k, v in budget.train.items()]
@@ -85,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

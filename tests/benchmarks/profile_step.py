@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from dino_locat.models import build_backbone, vision_transformer
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="locatvit_s")
     parser.add_argument("--device", default="cpu")
@@ -24,7 +24,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kernel", default="ours", choices=sorted(KERNELS))
     parser.add_argument("--rows", type=int, default=20)
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     vision_transformer.gaussian_biased_attention = KERNELS[args.kernel]
     device = torch.device(args.device)
@@ -48,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())
