@@ -1,4 +1,6 @@
-"""The one place that writes and reads checkpoints (DESIGN §4).
+"""The one place that writes and reads checkpoints.
+
+Design: docs/architecture.md#checkpoints-and-exported-backbones.
 
 Writes are atomic (temp file in the same folder, fsync, rename), so a crash never leaves a
 half-written ``checkpoint.pth``. Every read uses ``torch.load(weights_only=True)``: a

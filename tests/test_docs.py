@@ -10,6 +10,7 @@ README.md and every ``docs/**/*.md`` are read as a user reads them:
   ``bash <file>`` commands only have to name an existing file;
 - every relative link and image resolves to a file or folder inside the repository, and a
   ``#anchor`` into a markdown file names one of its headings (GitHub's heading ids);
+- every ``docs/...md#section`` that a module of the package or a CLI cites exists;
 - every repository path quoted on its own in inline code (``dino_locat/...``, ``eval/...``,
   ``launch/...``, ``tests/...``, ``docs/...``, ``.ci/...``) exists.
 
@@ -294,6 +295,23 @@ def path_problems(files: list[Path], root: Path = REPO) -> list[str]:
     return problems
 
 
+def source_reference_problems(root: Path = REPO) -> list[str]:
+    """Citations of a docs page (and its section) in the code: ``docs/architecture.md#data``."""
+    problems = []
+    sources = [
+        p for folder in ("dino_locat", "eval", "launch") for p in (root / folder).rglob("*.py")
+    ]
+    for path in sorted(sources):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            for page, anchor in re.findall(r"\b(docs/[\w/.-]+\.md)(?:#([\w-]+))?", line):
+                at = where(path, number, root)
+                if not (root / page).is_file():
+                    problems.append(f"{at}: {page} does not exist")
+                elif anchor and anchor not in anchors(root / page):
+                    problems.append(f"{at}: {page} has no heading with the id #{anchor}")
+    return problems
+
+
 def report(problems: list[str]) -> str:
     return f"{len(problems)} broken item(s) in the docs:\n" + "\n".join(problems)
 
@@ -312,6 +330,11 @@ def test_documented_commands_parse():
 
 def test_relative_links_and_images_resolve():
     problems = link_problems(doc_files())
+    assert not problems, report(problems)
+
+
+def test_code_cites_existing_doc_sections():
+    problems = source_reference_problems()
     assert not problems, report(problems)
 
 
@@ -382,4 +405,12 @@ def test_checker_reports_broken_links_anchors_and_paths(fake_repo: Path):
     assert "README.md:3: ../outside.md leaves the repository" in text
     assert path_problems(doc_files(fake_repo), fake_repo) == [
         "README.md:5: `docs/gone.md` does not exist"
+    ]
+    (fake_repo / "dino_locat").mkdir()
+    (fake_repo / "dino_locat" / "m.py").write_text(
+        '"""Design: docs/page.md#a-page, docs/page.md#gone and docs/none.md."""\n'
+    )
+    assert source_reference_problems(fake_repo) == [
+        "dino_locat/m.py:1: docs/page.md has no heading with the id #gone",
+        "dino_locat/m.py:1: docs/none.md does not exist",
     ]

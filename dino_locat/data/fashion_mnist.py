@@ -1,4 +1,6 @@
-"""The embedded default dataset: Fashion-MNIST read straight from its idx files (DESIGN §7).
+"""The embedded default dataset: Fashion-MNIST read straight from its idx files.
+
+Design: docs/architecture.md#data.
 
 Debian's ``dataset-fashion-mnist`` ships the four gzipped idx files under
 ``/usr/share/datasets/fashion-mnist/``; we read them as they are (no conversion step) and

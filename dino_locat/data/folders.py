@@ -1,4 +1,6 @@
-"""Image folders (``root/<class>/<image>``) and the pretraining dataset choice (DESIGN §7).
+"""Image folders (``root/<class>/<image>``) and the pretraining dataset choice.
+
+Design: docs/architecture.md#data.
 
 An unreadable image raises :class:`UnreadableImageError` naming the file, in the main
 process or in a loader worker alike, instead of a bare PIL traceback deep in a worker.

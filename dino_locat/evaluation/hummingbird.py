@@ -1,4 +1,6 @@
-"""Hummingbird dense nearest-neighbour retrieval (Balazevic et al., NeurIPS 2023; DESIGN §6).
+"""Hummingbird dense nearest-neighbour retrieval (Balazevic et al., NeurIPS 2023).
+
+Design: docs/architecture.md#evaluation-protocols.
 
 No head is trained: the frozen backbone's last-block patch tokens (before the final norm
 and PRR, the segmentation probe's tokens) of augmented training images (224 px; the

@@ -1,4 +1,6 @@
-"""Weighted k-NN classification on frozen features (DINO's protocol, DESIGN §6).
+"""Weighted k-NN classification on frozen features (DINO's protocol).
+
+Design: docs/architecture.md#evaluation-protocols.
 
 Search is exact inner product with faiss ``IndexFlatIP`` (cosine similarity, as features are
 L2-normalised). The bank is never copied whole: it is indexed one slice at a time and the

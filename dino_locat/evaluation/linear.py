@@ -1,4 +1,6 @@
-"""Linear probe on a frozen backbone, many heads at once (DESIGN §6).
+"""Linear probe on a frozen backbone, many heads at once.
+
+Design: docs/architecture.md#evaluation-protocols.
 
 Every (n_last_blocks, avgpool_patchtokens, learning rate) combination gets its own linear
 head, and all heads train together: each batch goes through the backbone once (or comes

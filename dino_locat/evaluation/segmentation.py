@@ -1,4 +1,6 @@
-"""Frozen-backbone semantic segmentation (DESIGN §6): two protocols, one evaluator.
+"""Frozen-backbone semantic segmentation: two protocols, one evaluator.
+
+Design: docs/architecture.md#evaluation-protocols.
 
 The backbone's last-block patch tokens (before the final norm and PRR) form a (D, h, w)
 feature map; a small head (1x1 conv to 512 channels, GroupNorm, GELU, 1x1 classifier) is

@@ -1,4 +1,6 @@
-"""The submission flags shared by every launcher (DESIGN §5): one definition, no copies.
+"""The submission flags shared by every launcher: one definition, no copies.
+
+Design: docs/architecture.md#launching-and-distributed-set-up.
 
 ``add_submission_args`` adds them as their own argparse group to any job's parser, so
 ``launch/dino.py --help`` and ``launch/eval.py knn --help`` list the job's flags and, apart,

@@ -1,4 +1,6 @@
-"""Does locality help under DINO? The backbone comparison as one command (DESIGN §8).
+"""Does locality help under DINO? The backbone comparison as one command.
+
+Design: docs/architecture.md#the-study.
 
 A grid of DINO pretrainings that differ only in the backbone and the seed (same steps, data
 order, augmentations, head and schedules), every final teacher evaluated with k-NN, the

@@ -1,4 +1,6 @@
-"""GAug and PRR, the two LocAtViT additions to a plain ViT (DESIGN §2).
+"""GAug and PRR, the two LocAtViT additions to a plain ViT.
+
+Design: docs/architecture.md#the-backbone.
 
 GAug adds to the attention logits of every patch query ``i`` a Gaussian bump centred on
 ``i``'s own grid position, ``S(i, j) = alpha_i * exp(D_row(i, j) / (var_row_i + eps) +

@@ -1,4 +1,6 @@
-"""ViT and LocAtViT backbones, registered with timm (DESIGN §2).
+"""ViT and LocAtViT backbones, registered with timm.
+
+Design: docs/architecture.md#the-backbone.
 
 Parameter names follow timm's VisionTransformer (``blocks.{i}.attn.qkv``,
 ``blocks.{i}.attn.gaug.log_var`` ...) so that public timm LocAtViT state_dicts load with
