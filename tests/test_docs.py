@@ -3,7 +3,8 @@
 README.md and every ``docs/**/*.md`` are read as a user reads them:
 
 - every ``python <script>.py ...``, ``python -m dino_locat... ...`` and ``torchrun ...
-  <script>.py ...`` command, in a fenced shell block or in inline code, names a script that
+  <script>.py ...`` command (and a bare ``eval/knn.py --flags`` in inline code), in a fenced
+  shell block or in inline code, names a script that
   exists and exposes ``get_args_parser()``, and that parser accepts the documented flags. The
   flags are parsed, never run. Placeholders (CKPT, /path/to/...) are ordinary values.
   ``python -m`` of other packages (pip, pytest) is not ours to check and is left alone;
@@ -98,7 +99,7 @@ def shell_commands(snippet: str) -> Iterator[tuple[int, list[str]]]:
             logical = logical.rstrip()[:-1] + " " + lines[offset]
         offset += 1
         logical = logical.strip().removeprefix("$ ")
-        if not re.search(r"\b(python3?|torchrun|bash)\b", logical):
+        if not re.search(r"\b(python3?|torchrun|bash)\b|^\S+\.py(\s|$)", logical):
             continue
         lexer = shlex.shlex(logical, posix=True, punctuation_chars=";&|")
         lexer.whitespace_split = True
@@ -122,6 +123,7 @@ class Invocation:
     script: Path | None
     module: str | None
     argv: list[str]
+    partial: bool = False  # a bare `eval/knn.py --flag` quotes flags, not a whole command
 
 
 def invocation(tokens: list[str], at: str) -> Invocation | None:
@@ -131,6 +133,8 @@ def invocation(tokens: list[str], at: str) -> Invocation | None:
         tokens = tokens[1:]
         while tokens and tokens[0].startswith("-"):  # a wrapper's own options: nice -n 19
             tokens = tokens[2:] if len(tokens) > 1 and tokens[1].isdigit() else tokens[1:]
+    if len(tokens) > 1 and tokens[0].endswith(".py") and tokens[1].startswith("-"):
+        return Invocation(at, text, Path(tokens[0]), None, tokens[1:], partial=True)
     if not tokens or tokens[0] not in {"python", "python3", "torchrun"}:
         return None
     runner, rest = tokens[0], tokens[1:]
@@ -187,6 +191,7 @@ def load_script(script: Path) -> ModuleType:
         spec = importlib.util.spec_from_file_location(f"_documented_{len(_MODULES)}", script)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as for a running script (dataclasses look it up)
         sys.path.insert(0, str(script.parent))
         try:
             spec.loader.exec_module(module)
@@ -216,6 +221,10 @@ def parse_problem(command: Invocation, root: Path) -> str | None:
         parser = parser_of(command, root)
     except (LookupError, ImportError) as error:
         return str(error)
+    if command.partial:  # its flags must exist and take their values; others may be missing
+        for action in parser._actions:
+            if action.option_strings:
+                action.required = False
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -285,13 +294,14 @@ def path_problems(files: list[Path], root: Path = REPO) -> list[str]:
     problems = []
     for path in files:
         for number, code in inline_code(split_markdown(path.read_text())[1]):
-            if (
-                code.startswith(PATH_PREFIXES)
-                and " " not in code
-                and not re.search(r"[<>*{}\[\]]|NNNN", code)
-                and not (root / code).exists()
-            ):
-                problems.append(f"{where(path, number, root)}: `{code}` does not exist")
+            if not code.startswith(PATH_PREFIXES) or re.search(r"[\s<>*{}\[\]]|NNNN", code):
+                continue
+            file_part, _, anchor = code.partition("#")
+            at = where(path, number, root)
+            if not (root / file_part).exists():
+                problems.append(f"{at}: `{code}` does not exist")
+            elif anchor and file_part.endswith(".md") and anchor not in anchors(root / file_part):
+                problems.append(f"{at}: `{code}`: no heading with the id #{anchor}")
     return problems
 
 
@@ -371,11 +381,11 @@ def test_checker_reports_bad_flags_missing_scripts_and_parsers(fake_repo: Path):
         "python -m pip install -r requirements.txt\n"
         "bash run.sh\n"
         "```\n"
-        "and inline, wrapped: `python tool.py\n--name x --oops`.\n"
+        "and inline, wrapped: `python tool.py\n--name x --oops`; bare: `./tool.py --good y`.\n"
     )
     problems = command_problems(doc_files(fake_repo), fake_repo)
     text = "\n".join(problems)
-    assert len(problems) == 6, text
+    assert len(problems) == 7, text
     assert "README.md:6: `nice -n 19 python tool.py --bad 1`: " in text
     assert "unrecognized arguments: --bad 1" in text
     assert "README.md:7: `torchrun --nproc_per_node 2 --standalone tool.py --good x`" in text
@@ -384,6 +394,7 @@ def test_checker_reports_bad_flags_missing_scripts_and_parsers(fake_repo: Path):
     assert "README.md:8: `python bare.py`: bare.py has no get_args_parser()" in text
     assert "README.md:10: `bash run.sh`: no such file" in text
     assert "README.md:12: `python tool.py --name x --oops`: " in text
+    assert "README.md:13: `./tool.py --good y`: " in text
 
 
 def test_checker_reports_broken_links_anchors_and_paths(fake_repo: Path):
@@ -395,7 +406,8 @@ def test_checker_reports_broken_links_anchors_and_paths(fake_repo: Path):
         "[bad anchor](docs/page.md#not-a-heading) ![img](docs/none.png)\n"
         "[up](../outside.md) [self](#a-title) [`code` text](docs/page.md#a-page)\n"
         "# A title\n"
-        "Paths: `docs/page.md`, `docs/gone.md`, `output/x/checkpoint.pth`, `docs/*.md`.\n"
+        "Paths: `docs/page.md`, `docs/gone.md`, `output/x/checkpoint.pth`, `docs/*.md`,\n"
+        "`docs/page.md#a-page`, `docs/page.md#gone`.\n"
     )
     problems = link_problems(doc_files(fake_repo), fake_repo)
     text = "\n".join(problems)
@@ -404,7 +416,8 @@ def test_checker_reports_broken_links_anchors_and_paths(fake_repo: Path):
     assert "README.md:2: docs/none.png does not exist" in text
     assert "README.md:3: ../outside.md leaves the repository" in text
     assert path_problems(doc_files(fake_repo), fake_repo) == [
-        "README.md:5: `docs/gone.md` does not exist"
+        "README.md:5: `docs/gone.md` does not exist",
+        "README.md:6: `docs/page.md#gone`: no heading with the id #gone",
     ]
     (fake_repo / "dino_locat").mkdir()
     (fake_repo / "dino_locat" / "m.py").write_text(
