@@ -52,8 +52,10 @@ def test_epoch_prints_progress_and_the_next_command(one_epoch_run):
 def test_checkpoint_has_dino_keys_and_loads_with_weights_only(one_epoch_run):
     out, _ = one_epoch_run
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
-    # DINO's keys (no fp16_scaler on CPU) plus the online k-NN curve and training seconds.
-    assert set(ckpt) == DINO_KEYS | {"online_knn", "train_seconds"}
+    # DINO's keys (no fp16_scaler on CPU) plus the online k-NN curve, training seconds, the
+    # number of processes and the flag changes accepted on resume (none).
+    assert set(ckpt) == DINO_KEYS | {"online_knn", "train_seconds", "world_size", "flag_changes"}
+    assert ckpt["world_size"] == 1 and ckpt["flag_changes"] == []
     assert ckpt["epoch"] == 1 and set(ckpt["dino_loss"]) == {"center"}
     args = ckpt["args"]
     assert (args["arch"], args["patch_size"], args["global_crops_size"]) == ("locatvit_t", 8, 32)
@@ -115,8 +117,9 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     before = (out / "checkpoint.pth").read_bytes()
     argv = tiny_training_argv(out, shared_image_folder, epochs=2, lr=1e30)
     with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf|-inf) at epoch 1") as err:
-        main(get_args_parser().parse_args(argv))
+        main(get_args_parser().parse_args([*argv, "--accept_changed_flags"]))
     assert "still holds the last good state" in str(err.value)
+    assert "--lr (now 1e+30; lower it)" in str(err.value) and "--teacher_temp" in str(err.value)
     assert (out / "checkpoint.pth").read_bytes() == before
     assert len((out / "log.txt").read_text().splitlines()) == 1
 

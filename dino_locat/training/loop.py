@@ -337,7 +337,12 @@ class DinoTrainer:
         self.student_step.train()
         signals = torch.zeros(self.niter, len(SIGNAL_COLUMNS), device=device)
         losses = signals[:, 0]
-        totals = signals[:, 0] + signals[:, SIGNAL_COLUMNS.index("koleo")]
+        koleo_column = SIGNAL_COLUMNS.index("koleo")
+
+        def totals(first: int, end: int) -> Tensor:
+            """The loss each step minimised (DINO + weighted KoLeo), for the finiteness check."""
+            return signals[first:end, 0] + signals[first:end, koleo_column]
+
         progress = Progress(
             self.loader,
             self.niter,
@@ -352,13 +357,13 @@ class DinoTrainer:
                 crops, epoch, epoch * self.niter + i, record and progress.due
             )
             if progress.due:
-                self.check_losses(totals[checked : i + 1], epoch, checked)
+                self.check_losses(totals(checked, i + 1), epoch, checked)
                 self.log_step(writer, progress, signals[checked : i + 1], epoch, checked, record)
                 checked = i + 1
         total = all_reduce_sum(losses.sum().reshape(1))
         mean_loss = total.item() / (self.niter * self.env.world_size)
         if not math.isfinite(mean_loss):
-            self.check_losses(totals, epoch, 0)
+            self.check_losses(totals(0, self.niter), epoch, 0)
         elapsed = time.perf_counter() - progress.start
         last = (epoch + 1) * self.niter - 1
         if self.is_main:
