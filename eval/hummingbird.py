@@ -1,7 +1,13 @@
 """Hummingbird dense nearest-neighbour retrieval (mIoU); see dino_locat.evaluation.hummingbird."""
 
 import argparse
+import sys
+from pathlib import Path
 
+# Run the dino_locat of this checkout, whatever else is installed (dino_locat/checkout.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dino_locat.checkout import note_other_copies
 from dino_locat.evaluation.hummingbird import get_args_parser as hummingbird_args_parser
 from dino_locat.evaluation.hummingbird import run_hummingbird
 from dino_locat.evaluation.options import run_cli
@@ -16,4 +22,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    note_other_copies()
     main(get_args_parser().parse_args())

@@ -8,7 +8,12 @@ Example (embedded Fashion-MNIST test images):
 
 import argparse
 import sys
+from pathlib import Path
 
+# Run the dino_locat of this checkout, whatever else is installed (dino_locat/checkout.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dino_locat.checkout import note_other_copies
 from dino_locat.checkpoint import CheckpointError
 from dino_locat.evaluation.options import add_backbone_args
 from dino_locat.visualization.commands import visualize_checkpoint
@@ -75,4 +80,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    note_other_copies()
     main(get_args_parser().parse_args())

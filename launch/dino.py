@@ -5,7 +5,13 @@ Example: python launch/dino.py --arch locatvit_s --data_path /data/imagenet/trai
 """
 
 import argparse
+import sys
+from pathlib import Path
 
+# Run the dino_locat of this checkout, whatever else is installed (dino_locat/checkout.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dino_locat.checkout import note_other_copies
 from dino_locat.launching.submission import exit_with, launch_training, training_launch_parser
 
 
@@ -18,4 +24,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    note_other_copies()
     main(get_args_parser().parse_args())

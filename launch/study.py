@@ -6,7 +6,13 @@ Example: python launch/study.py --cluster local        (the default study, ~2 h 
 """
 
 import argparse
+import sys
+from pathlib import Path
 
+# Run the dino_locat of this checkout, whatever else is installed (dino_locat/checkout.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dino_locat.checkout import note_other_copies
 from dino_locat.launching.study import get_args_parser as study_args_parser
 from dino_locat.launching.study import run_study
 from dino_locat.launching.submission import exit_with
@@ -21,4 +27,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    note_other_copies()
     main(get_args_parser().parse_args())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dino_locat.checkpoint import checkpoint_args, load_checkpoint
 from dino_locat.evaluation import knn
 from dino_locat.evaluation.options import EvaluationInputError
-from dino_locat.launching.study import METRICS, get_args_parser, plan_study
+from dino_locat.launching.study import METRICS, get_args_parser, plan_study, read_results, render
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("vit_t", "locatvit_t")
@@ -122,6 +124,11 @@ def test_study_writes_results_figure_and_table(study):
     differ = {k for k in trained["vit_t"] if trained["vit_t"][k] != trained["locatvit_t"][k]}
     assert differ == {"arch", "output_dir"}
     assert trained["vit_t"]["depth"] == 1 and trained["vit_t"]["preset"] == "study"
+    # The flags recorded are those the run used: the study preset asks for fp16, a CPU run
+    # trains in fp32 and its checkpoint says so.
+    used = checkpoint_args(load_checkpoint(out / "runs" / "vit_t_seed0" / "checkpoint.pth"))
+    assert trained["vit_t"]["use_fp16"] is False and used["use_fp16"] is False
+    assert trained["vit_t"] == {**used, "output_dir": "runs/vit_t_seed0"}
     # The table: one row per metric, each arch's mean with its number of seeds, the difference.
     rows = {row["metric"]: row for row in results["summary"]}
     assert set(rows) == set(METRICS)
@@ -142,8 +149,63 @@ def test_study_writes_results_figure_and_table(study):
         assert figure.format == "PNG" and figure.width >= 1000
     # Every piece ran as a submitit job in its own folder.
     for record in records:
-        folder = Path(record["results_file"]).parent
+        folder = (out / record["results_file"]).parent
         assert list((folder / "jobs").iterdir()), folder
+
+
+def test_moved_study_folder_is_read_and_rerun_where_it_lies(study, tmp_path):
+    """results.json names its files relative to the study folder: once the folder is moved,
+    they are found in the new place, and the same command on it finds every piece finished
+    and writes the report there."""
+    out = study["out"]
+    moved = tmp_path / "moved_study"
+    out.rename(moved)
+    try:
+        results = read_results(moved / "results.json")
+        recorded = {k: v for k, v in results.data.items() if k != "command"}  # argv as typed
+        assert str(out) not in json.dumps(recorded) and results.data["figure"] == "study.png"
+        for record in results.data["records"]:
+            evaluated = json.loads(results.locate(record["results_file"]).read_text())
+            assert evaluated["evaluation"] == record["evaluation"]
+            if record["training_flags"] is not None:
+                run_folder = results.locate(record["training_flags"]["output_dir"])
+                assert (run_folder / "checkpoint.pth").is_file()
+        assert [(a, s) for a, s, _ in results.runs()] == [("vit_t", 0), ("locatvit_t", 0)]
+        assert all((folder / "checkpoint.pth").is_file() for _, _, folder in results.runs())
+        rerun = subprocess.run(
+            study_argv(moved, "debug"), capture_output=True, text=True, cwd=REPO, timeout=600
+        )
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        planned, finished = re.search(r"\[study\] (\d+) pieces, (\d+) already finished",
+                                      rerun.stdout).groups()  # fmt: skip
+        assert planned == finished == "21"
+        again = read_results(moved / "results.json")
+        assert again.data["records"] == results.data["records"]
+    finally:
+        moved.rename(out)
+
+
+def test_results_of_an_older_study_are_still_read(tmp_path):
+    """Before paths were relative, results.json recorded absolute ones (this file: the
+    default study of docs/study, run in another folder): the table and figure are drawn again
+    from it, and its paths are taken relative to the folder it lies in now."""
+    old = json.loads((REPO / "tests" / "data" / "study_results_absolute_paths.json").read_text())
+    assert old["figure"] == "/work/main/output/study/study.png"
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    results = read_results(tmp_path / "results.json")
+    table, figure = render(results)
+    assert "| k-NN 20-NN top-1 (%) | 59.15 ± 2.62 (2) | 65.32 ± 0.67 (2) | 63.80 | 63.15 | " \
+           "81.50 | +6.17 (better) |" in table.splitlines()  # fmt: skip
+    assert (tmp_path / "table.md").read_text() == table + "\n"
+    with Image.open(figure) as image:
+        assert figure == tmp_path / "study.png" and image.format == "PNG"
+    first = results.data["records"][0]["results_file"]
+    assert first == "/work/main/output/study/runs/vit_t_seed0/eval_knn/results.json"
+    assert results.locate(first) == tmp_path / "runs" / "vit_t_seed0" / "eval_knn" / "results.json"
+    assert results.locate("/elsewhere/data") == Path("/elsewhere/data")
+    assert [folder for _, _, folder in results.runs()][:2] == [
+        tmp_path / "runs" / "vit_t_seed0", tmp_path / "runs" / "locatvit_t_seed0",
+    ]  # fmt: skip
 
 
 def test_plan_is_identical_but_for_the_backbone_and_sized_by_the_budget(tmp_path):
@@ -154,6 +216,7 @@ def test_plan_is_identical_but_for_the_backbone_and_sized_by_the_budget(tmp_path
         ("vit_t", 0), ("locatvit_t", 0), ("vit_t", 1), ("locatvit_t", 1),
     ]  # fmt: skip
     assert all(p.args.preset == "study" and p.args.depth is None for p in trains)
+    assert all(p.args.use_fp16 for p in trains)  # asked for; what ran is recorded (fp32 on CPU)
     assert sum(1 for p in pieces if p.kind == "eval") == 1 + 6 * 4
     total_min = sum(p.estimate_s for p in pieces) / 60
     assert 30 <= total_min <= 90, total_min  # quiet-machine ETA; 2 h holds at twice the load

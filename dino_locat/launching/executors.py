@@ -16,6 +16,7 @@ from typing import Any
 import submitit
 import torch
 
+from dino_locat.checkout import use_in_children
 from dino_locat.launching.options import resolve_cluster
 
 # Seconds between SLURM's warning signal (USR2) and the kill at the time limit: time to save
@@ -57,7 +58,9 @@ def make_executor(
     ``dependency`` is a SLURM dependency such as ``afterok:123`` (ignored off SLURM, where
     callers run jobs one after another instead); a job whose dependency can no longer be met
     is cancelled rather than left pending. ``workers``: the job's data-loading workers.
+    The job runs the copy of dino_locat that submitted it (PYTHONPATH, inherited).
     """
+    use_in_children()
     cluster = resolve_cluster(args.cluster)
     executor = submitit.AutoExecutor(
         folder=folder,

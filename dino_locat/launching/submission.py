@@ -121,12 +121,12 @@ def _eval_flags(args: argparse.Namespace) -> dict[str, list[str]]:
     return flags
 
 
-def _eval_resources(args: argparse.Namespace) -> argparse.Namespace:
+def eval_resources(args: argparse.Namespace) -> argparse.Namespace:
     """Evaluators are single-process: one node and at most one GPU, whatever training used."""
     return argparse.Namespace(**{**vars(args), "nodes": 1, "ngpus": min(1, gpus_per_node(args))})
 
 
-def _submit(
+def submit_job(
     args: argparse.Namespace,
     folder: Path,
     name: str,
@@ -134,6 +134,8 @@ def _submit(
     workers: int,
     dependency: str | None = None,
 ) -> submitit.Job[Any]:
+    """Submit ``job`` as ``name`` with the resources of ``args`` (``dependency``: a SLURM
+    dependency such as ``afterok:123``) and say so; the study submits its pieces this way too."""
     submitted = make_executor(args, folder, name, dependency, workers).submit(job)
     after = f" (starts after job {dependency.split(':', 1)[1]} succeeds)" if dependency else ""
     print(f"[launch] submitted {name} as {describe(submitted)}{after}", flush=True)
@@ -160,13 +162,13 @@ def launch_training(args: argparse.Namespace) -> int:
     args.output_dir = train_args.output_dir
     folder = fresh_job_folder(args, "dino")
     job = ResumableJob(train_main, train_args, resume_from=checkpoint)
-    train_job = _submit(args, folder, "dino", job, resolved.num_workers)
-    eval_resources = _eval_resources(args)
+    train_job = submit_job(args, folder, "dino", job, resolved.num_workers)
+    eval_submission = eval_resources(args)
 
     def submit_eval(name: str, dependency: str | None = None) -> submitit.Job[Any]:
         eval_job = ResumableJob(EVALUATORS[name][1], evals[name])
         workers = evals[name].num_workers
-        return _submit(eval_resources, folder, f"eval_{name}", eval_job, workers, dependency)
+        return submit_job(eval_submission, folder, f"eval_{name}", eval_job, workers, dependency)
 
     if cluster != "slurm":
         status = follow(train_job)
@@ -201,7 +203,7 @@ def launch_evaluation(name: str, args: argparse.Namespace) -> int:
     args.output_dir = eval_args.output_dir
     folder = fresh_job_folder(args, f"eval_{name}")
     job = ResumableJob(EVALUATORS[name][1], eval_args)
-    submitted = _submit(_eval_resources(args), folder, f"eval_{name}", job, eval_args.num_workers)
+    submitted = submit_job(eval_resources(args), folder, f"eval_{name}", job, eval_args.num_workers)
     if resolve_cluster(args.cluster) == "slurm" and not args.wait:
         print(f"[launch] follow with: tail -f {submitted.paths.stdout}   (squeue --me)")
         return 0

@@ -1,0 +1,299 @@
+"""The study's report: one record per network x evaluation, the summary per metric and arch
+(mean and spread over seeds, the difference to the first arch, tie or not), written as
+results.json, then table.md and study.png drawn from that file.
+
+Paths in results.json are relative to the folder that holds it (older studies wrote absolute
+paths: :class:`StudyResults` reads both), so a study folder can be moved or copied and still
+be read, and its table and figure drawn again (:func:`render`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dino_locat.checkout import code_version
+from dino_locat.checkpoint import checkpoint_args, load_checkpoint
+from dino_locat.evaluation.report import write_json_atomic
+from dino_locat.files import atomic_write
+from dino_locat.launching.study.plan import Piece, study_relative
+from dino_locat.visualization.study import MetricPanel, OnlineCurve, study_figure
+from dino_locat.visualization.trends import trends_from_tensorboard
+
+# what an evaluation's parent piece makes of the network it evaluates
+NETWORKS = {"train": "trained", "untrained": "untrained"}
+# metric -> (evaluator, keys into its results.json, label)
+METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "knn_top1": ("knn", ("knn", "20", "top1"), "k-NN 20-NN top-1 (%)"),
+    "linear_top1": ("linear", ("headline", "test_top1"), "linear top-1 (%), held-out selection"),
+    "segmentation_miou": ("segmentation", ("mIoU",), "frozen segmentation mIoU (%)"),
+    "hummingbird_miou": ("hummingbird", ("mIoU",), "Hummingbird mIoU (%)"),
+}
+
+
+def _metric(results: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    value: Any = results
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return None if value is None else float(value)
+
+
+def collect(pieces: list[Piece]) -> list[dict[str, Any]]:
+    """One record per network x evaluation that finished, with its flags and code version.
+
+    The training flags are those the run used, as its checkpoint stores them (training turns
+    ``use_fp16`` off on CPU, for one), with its folder as ``output_dir``; paths inside the
+    study folder are relative to it.
+    """
+    records = []
+    used: dict[Path, dict[str, Any]] = {}  # each network's checkpoint is read once
+    for piece in pieces:
+        if piece.kind != "eval" or not piece.done():
+            continue
+        results_file = piece.folder / "results.json"
+        results = json.loads(results_file.read_text())
+        submitted = json.loads(piece.record_path.read_text())
+        parent = piece.parent
+        training_flags = None
+        if parent is not None:
+            if parent.checkpoint not in used:
+                used[parent.checkpoint] = checkpoint_args(load_checkpoint(parent.checkpoint))
+            # output_dir: where the run is now (the folder may have moved since it trained)
+            flags = {**used[parent.checkpoint], "output_dir": str(parent.folder)}
+            training_flags = study_relative(flags, piece.root)
+        record = {
+            "network": "raw_pixels" if parent is None else NETWORKS[parent.kind],
+            "arch": piece.arch,
+            "seed": piece.seed,
+            "evaluation": piece.evaluator,
+            "metrics": {
+                name: _metric(results, keys)
+                for name, (evaluator, keys, _) in METRICS.items()
+                if evaluator == piece.evaluator
+            },
+            "results_file": study_relative(str(results_file), piece.root),
+            "evaluation_flags": study_relative(submitted["flags"], piece.root),
+            "training_flags": training_flags,
+            "code_version": submitted["code_version"],
+        }
+        records.append(record)
+    return records
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(records: list[dict[str, Any]], archs: list[str]) -> list[dict[str, Any]]:
+    """Per metric and arch: mean, spread (sample std over seeds), the untrained value; and
+    each arch's difference to the first, called a tie when within the larger spread."""
+    rows = []
+    for metric, (_, _, label) in METRICS.items():
+
+        def values(network: str, arch: str | None, metric: str = metric) -> list[float]:
+            return [
+                r["metrics"][metric]
+                for r in records
+                if r["network"] == network
+                and r["arch"] == arch
+                and r["metrics"].get(metric) is not None
+            ]
+
+        per_arch = {}
+        for arch in archs:
+            trained = values("trained", arch)
+            untrained = values("untrained", arch)
+            mean, std = _mean_std(trained) if trained else (None, None)
+            per_arch[arch] = {
+                "seeds": len(trained),
+                "mean": mean,
+                "std": std,
+                "values": trained,
+                "untrained": untrained[0] if untrained else None,
+            }
+        if all(v["mean"] is None for v in per_arch.values()):
+            continue
+        first = per_arch[archs[0]]
+        for arch in archs[1:]:
+            entry = per_arch[arch]
+            if entry["mean"] is None or first["mean"] is None:
+                continue
+            entry["difference"] = entry["mean"] - first["mean"]
+            spreads = [s for s in (entry["std"], first["std"]) if s is not None]
+            entry["verdict"] = (
+                "no spread (one seed)"
+                if not spreads
+                else "tie"
+                if abs(entry["difference"]) <= max(spreads)
+                else "better"
+                if entry["difference"] > 0
+                else "worse"
+            )
+        pixels = values("raw_pixels", None)
+        rows.append(
+            {
+                "metric": metric,
+                "label": label,
+                "archs": per_arch,
+                "raw_pixels": pixels[0] if pixels else None,
+            }
+        )
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_table(rows: list[dict[str, Any]], archs: list[str]) -> str:
+    """A Markdown table: mean ± spread (n seeds) per arch, untrained, raw pixels, difference."""
+    head = [
+        "metric",
+        *[f"{a} mean ± std (n)" for a in archs],
+        *[f"{a} untrained" for a in archs],
+        "raw pixels",
+        *[f"{a} − {archs[0]}" for a in archs[1:]],
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["label"]]
+        for arch in archs:
+            entry = row["archs"][arch]
+            cells.append(f"{_fmt(entry['mean'])} ± {_fmt(entry['std'])} ({entry['seeds']})")
+        cells += [_fmt(row["archs"][arch]["untrained"]) for arch in archs]
+        cells.append(_fmt(row["raw_pixels"]))
+        for arch in archs[1:]:
+            entry = row["archs"][arch]
+            diff = entry.get("difference")
+            cells.append("-" if diff is None else f"{diff:+.2f} ({entry['verdict']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class StudyResults:
+    """A study's results.json, read where it lies now."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def locate(self, recorded: str) -> Path:
+        """Where a path that results.json records is now: relative to the folder holding it.
+        Older files recorded absolute paths; those inside the study folder as it was then
+        (where its figure was written) are taken relative to it too."""
+        path = Path(recorded)
+        if not path.is_absolute():
+            return self.folder / path
+        old_root = Path(self.data["figure"]).parent
+        return self.folder / path.relative_to(old_root) if path.is_relative_to(old_root) else path
+
+    def runs(self) -> list[tuple[str, int, Path]]:
+        """(arch, seed, run folder) of every training run (older files: of every run with a
+        finished evaluation)."""
+        if "runs" in self.data:
+            return [(r["arch"], r["seed"], self.locate(r["folder"])) for r in self.data["runs"]]
+        found: dict[tuple[str, int, Path], None] = {}
+        for record in self.data["records"]:
+            if record["network"] == "trained":
+                folder = self.locate(record["training_flags"]["output_dir"])
+                found[(record["arch"], record["seed"], folder)] = None
+        return list(found)
+
+
+def read_results(path: str | Path) -> StudyResults:
+    """Read a study's results.json (this version's or an older one)."""
+    path = Path(path).resolve()
+    return StudyResults(path, json.loads(path.read_text()))
+
+
+def _figure(results: StudyResults, path: Path) -> Path:
+    archs = results.data["archs"]
+    panels = []
+    for row in results.data["summary"]:
+        references = {
+            f"{a} untrained": row["archs"][a]["untrained"]
+            for a in archs
+            if row["archs"][a]["untrained"] is not None
+        }
+        if row["raw_pixels"] is not None:
+            references["raw pixels"] = row["raw_pixels"]
+        per_arch = {a: row["archs"][a]["values"] for a in archs}
+        panels.append(MetricPanel(row["label"], per_arch, references))
+    curves, trends = [], {}
+    for arch, seed, folder in results.runs():
+        checkpoint = folder / "checkpoint.pth"
+        if not checkpoint.is_file():
+            continue
+        history = (load_checkpoint(checkpoint).get("online_knn") or {}).get("history") or []
+        if history:
+            curves.append(
+                OnlineCurve(
+                    arch, seed, [h["epoch"] for h in history], [h["teacher_top1"] for h in history]
+                )
+            )
+        try:
+            trends[f"{arch} seed {seed}"] = trends_from_tensorboard(folder)
+        except FileNotFoundError:
+            continue  # a backbone without GAug (ViT) logs no per-block scalars
+    title = (
+        f"Does locality help under DINO? {', '.join(archs)}; bars: mean over seeds, dots: "
+        "seeds, dashed: baselines"
+    )
+    return study_figure(panels, curves, trends, archs, path, title)
+
+
+def render(results: StudyResults) -> tuple[str, Path]:
+    """Write table.md and study.png beside a study's results.json, drawn from it (the online
+    k-NN curves and GAug trends from the run folders it names, where they are); returns the
+    table and the figure's path."""
+    table = format_table(results.data["summary"], results.data["archs"])
+    atomic_write(results.folder / "table.md", lambda handle: handle.write((table + "\n").encode()))
+    return table, _figure(results, results.folder / "study.png")
+
+
+def report(args: argparse.Namespace, pieces: list[Piece], failed: list[str]) -> dict[str, Any]:
+    """Write results.json under --output_dir, then the table and figure from it; print the
+    table."""
+    out = Path(args.output_dir).resolve()
+    records = collect(pieces)
+    runs = [
+        {"arch": p.arch, "seed": p.seed, "folder": study_relative(str(p.folder), out)}
+        for p in pieces
+        if p.kind == "train" and p.checkpoint.is_file()
+    ]
+    summary = {
+        "study": "does locality help under DINO?",
+        "archs": args.archs,
+        "budget": args.budget,
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "code_version": code_version(),
+        "tie_rule": "a difference no larger than the larger spread (sample std over seeds) "
+        "of the two archs is a tie",
+        "summary": summarize(records, args.archs),
+        "records": records,
+        "runs": runs,
+        "failed": failed,
+        "figure": "study.png",
+    }
+    write_json_atomic(out / "results.json", summary)
+    table, figure = render(read_results(out / "results.json"))
+    print(table, flush=True)
+    print(f"[study] results: {out / 'results.json'}, figure: {figure}", flush=True)
+    if failed:
+        print(f"[study] failed or not run: {', '.join(failed)}", file=sys.stderr, flush=True)
+    return summary
