@@ -5,9 +5,8 @@ Example (the preset sweep in docs/sweep/):
 """
 
 import argparse
-import sys
 
-from dino_locat.checkpoint import CheckpointError
+from dino_locat.errors import run_command
 from dino_locat.visualization.knn_curves import write_curves
 
 
@@ -20,10 +19,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    try:
-        write_curves(args.runs, args.output_dir, args.title)
-    except (CheckpointError, OSError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_command(lambda: write_curves(args.runs, args.output_dir, args.title))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from typing import Any
 
 import submitit
 
-from dino_locat.checkpoint import checkpoint_args, load_checkpoint, plain_args
+from dino_locat.checkpoint import RESUME_HINT, checkpoint_args, load_checkpoint, plain_args
 from dino_locat.evaluation.report import write_json_atomic
 from dino_locat.files import atomic_write
 from dino_locat.launching.executors import fresh_job_folder
@@ -200,7 +200,7 @@ class Piece:
             return recorded.get("flags") == self.flags() and newer
         if not self.checkpoint.is_file():
             return False
-        ckpt = load_checkpoint(self.checkpoint)
+        ckpt = load_checkpoint(self.checkpoint, hint=RESUME_HINT)
         stored, planned = checkpoint_args(ckpt), self.flags()
         differ = sorted(
             k for k in planned if k not in RUN_ONLY_FLAGS and stored.get(k) != planned[k]

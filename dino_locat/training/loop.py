@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from dino_locat.checkpoint import (
+    RESUME_HINT,
     CheckpointError,
     checkpoint_args,
     load_checkpoint,
@@ -172,7 +173,7 @@ class DinoTrainer:
         """Load ``checkpoint.pth`` if present; return the next epoch to run."""
         if not self.checkpoint_path.is_file():
             return 0
-        ckpt = load_checkpoint(self.checkpoint_path)
+        ckpt = load_checkpoint(self.checkpoint_path, hint=RESUME_HINT)
         stored = checkpoint_args(ckpt)
         for key in RESUME_KEYS:
             if stored.get(key) != getattr(self.args, key):
