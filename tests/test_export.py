@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import write_image_folder
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -25,7 +27,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import dino_locat.models  # noqa: F401  (registers our archs with timm)
-from conftest import write_image_folder
 from dino_locat.checkpoint import (
     CheckpointError,
     export_backbone,
@@ -104,9 +105,7 @@ def knn_run(weights: Path, data: Path, out: Path, *extra: str) -> dict:
     return knn.run_knn(knn.get_args_parser().parse_args([*argv, *extra]))
 
 
-def test_safetensors_export_gives_timm_the_features_our_evaluators_compute(
-    source, data, tmp_path
-):
+def test_safetensors_export_gives_timm_the_features_our_evaluators_compute(source, data, tmp_path):
     exported = tmp_path / "teacher.safetensors"
     proc = run_export("--pretrained_weights", source["path"], "--output", exported)
     assert proc.returncode == 0, proc.stderr
@@ -283,8 +282,6 @@ def test_visualize_reads_an_export(source, tmp_path):
     out = export_backbone(source["path"], tmp_path / "t.safetensors")["output"]
     image = tmp_path / "image.png"
     torch.manual_seed(0)
-    from PIL import Image
-
     Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(image)
     written = visualize_checkpoint(out, tmp_path / "figures", images=[image])
     assert written and all(path.is_file() for path in written)
