@@ -344,6 +344,19 @@ def _agree(name: str, flag: Any, stored: Any, weights: Any, source: str) -> None
         )
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path``, or the ``checkpoint.pth`` inside it when it is a training ``--output_dir``."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / "checkpoint.pth").exists():
+        raise CheckpointError(
+            f"{path} is a folder without checkpoint.pth; pass a checkpoint file or a "
+            "training --output_dir"
+        )
+    return path / "checkpoint.pth"
+
+
 def load_pretrained_backbone(
     path: str | os.PathLike,
     arch: str | None = None,
@@ -363,14 +376,7 @@ def load_pretrained_backbone(
     model's native size. ``pos_embed_interpolation`` (auto/timm/dino): see
     :func:`pos_embed_rule`. Returns the frozen model in eval mode and a dict describing it.
     """
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "checkpoint.pth").is_file():
-            raise CheckpointError(
-                f"{path} is a folder without checkpoint.pth; pass a checkpoint file or a "
-                "training --output_dir"
-            )
-        path = path / "checkpoint.pth"
+    path = checkpoint_file(path)
     source = str(path)
     ckpt = load_checkpoint(path)
     args = checkpoint_args(ckpt)

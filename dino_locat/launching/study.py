@@ -198,7 +198,7 @@ class Piece:
                 parent.is_file() and results.stat().st_mtime >= parent.stat().st_mtime
             )
             return recorded.get("flags") == self.flags() and newer
-        if not self.checkpoint.is_file():
+        if not self.checkpoint.exists():
             return False
         ckpt = load_checkpoint(self.checkpoint, hint=RESUME_HINT)
         stored, planned = checkpoint_args(ckpt), self.flags()

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import submitit
 
-from dino_locat.checkpoint import RESUME_HINT, load_checkpoint
+from dino_locat.checkpoint import RESUME_HINT, checkpoint_file, load_checkpoint
 from dino_locat.errors import run_command
 from dino_locat.evaluation import hummingbird, knn, linear, segmentation
 from dino_locat.evaluation.options import default_output_dir
@@ -154,7 +154,7 @@ def launch_training(args: argparse.Namespace) -> int:
     if train_args.data_path:
         train_args.data_path = str(Path(train_args.data_path).resolve())
     checkpoint = Path(train_args.output_dir) / "checkpoint.pth"
-    if checkpoint.is_file():  # the job would resume from it: a damaged one fails here, now
+    if checkpoint.exists():  # the job would resume from it: a damaged one fails here, now
         load_checkpoint(checkpoint, hint=RESUME_HINT, mmap=True)
     flags = _eval_flags(args)
     evals = {name: evaluation_args(name, checkpoint, flags.get(name, [])) for name in args.eval}
@@ -200,6 +200,8 @@ def launch_evaluation(name: str, args: argparse.Namespace) -> int:
     for flag in ("pretrained_weights", "data_path", "load_features", "dump_features"):
         if getattr(eval_args, flag, None):
             setattr(eval_args, flag, str(Path(getattr(eval_args, flag)).resolve()))
+    if eval_args.pretrained_weights:  # a damaged checkpoint fails here, not in the job
+        load_checkpoint(checkpoint_file(eval_args.pretrained_weights), mmap=True)
     eval_args.output_dir = str(default_output_dir(eval_args, name).resolve())
     args.output_dir = eval_args.output_dir
     folder = fresh_job_folder(args, f"eval_{name}")

@@ -171,7 +171,7 @@ class DinoTrainer:
     # -- checkpoints ----------------------------------------------------------------------
     def resume(self) -> int:
         """Load ``checkpoint.pth`` if present; return the next epoch to run."""
-        if not self.checkpoint_path.is_file():
+        if not self.checkpoint_path.exists():
             return 0
         ckpt = load_checkpoint(self.checkpoint_path, hint=RESUME_HINT)
         stored = checkpoint_args(ckpt)
