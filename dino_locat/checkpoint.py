@@ -110,7 +110,7 @@ def _unreadable(path: Path, err: BaseException, zipped: bool, hint: str) -> Chec
             f"tensors and plain data, and unpickling it could run code; {hint}"
         )
     if zipped:
-        problem = f"a damaged zip archive, probably truncated ({_short(err)})"
+        problem = f"a damaged or truncated zip archive ({_short(err)})"
     else:
         problem = "neither a torch checkpoint (zip or pickle) nor a safetensors file"
     return CheckpointError(f"cannot read checkpoint {path}: {problem}; {hint}")
@@ -181,6 +181,8 @@ def load_checkpoint(
                 return torch.load(
                     path, map_location=map_location, weights_only=True, mmap=mmap and zipped
                 )
+    except MemoryError:
+        raise
     except Exception as err:  # torch's unpicklers raise anything on bad bytes (KeyError: 101)
         raise _unreadable(path, err, zipped, hint) from err
 

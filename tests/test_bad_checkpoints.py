@@ -188,7 +188,7 @@ def test_each_kind_says_what_is_wrong(tmp_path):
         "random": "neither a torch checkpoint (zip or pickle) nor a safetensors file",
         "keyerror": "neither a torch checkpoint",
         "empty": "the file is empty",
-        "truncated_zip": "a damaged zip archive, probably truncated",
+        "truncated_zip": "a damaged or truncated zip archive",
         "forbidden_class": "holds a pickled datetime.datetime",
         "folder": "is a folder, not a checkpoint file",
     }

@@ -287,12 +287,13 @@ def test_trends_from_tensorboard_scalars_without_epoch_info(tmp_path):
     assert record["cap"] is None
 
 
-def test_trends_cli_reports_a_run_without_data(tmp_path):
+def test_trends_cli_reports_a_run_without_data(tmp_path, capsys):
     cli = load_cli("gaug_trends")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(cli.get_args_parser().parse_args(["--run_dir", str(tmp_path / "empty")]))
-    assert "no checkpoint*.pth files in" in str(exit_info.value.code)
+    assert exit_info.value.code == 2
+    assert "no checkpoint*.pth files in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["locatvit_t", "vit_t"])

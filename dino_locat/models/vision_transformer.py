@@ -421,8 +421,6 @@ def backbone_metadata(model: VisionTransformer) -> dict[str, str]:
 
 def metadata_config(metadata: Mapping[str, str], source: str) -> tuple[str, dict[str, Any]]:
     """(arch, :func:`build_backbone` kwargs) from :func:`backbone_metadata`'s strings."""
-    if metadata.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{source}: no {EXPORT_FORMAT} metadata (not written by eval/export.py)")
     try:
         rule = metadata["pos_embed_interpolation"]
         if rule not in POS_EMBED_INTERPOLATIONS:
