@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino_locat.checkout import note_other_copies
-from dino_locat.checkpoint import CheckpointError
+from dino_locat.errors import run_command
 from dino_locat.evaluation.options import add_backbone_args
 from dino_locat.visualization.commands import plot_gaug_trends
 
@@ -39,8 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    try:
-        plot_gaug_trends(
+    run_command(
+        lambda: plot_gaug_trends(
             run_dir=args.run_dir,
             output_dir=args.output_dir or args.run_dir,
             source=args.source,
@@ -54,8 +54,7 @@ def main(args: argparse.Namespace) -> None:
             pos_embed_interpolation=args.pos_embed_interpolation,
             device=args.device,
         )
-    except (CheckpointError, FileNotFoundError, OSError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    )
 
 
 if __name__ == "__main__":

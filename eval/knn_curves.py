@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino_locat.checkout import note_other_copies
-from dino_locat.checkpoint import CheckpointError
+from dino_locat.errors import run_command
 from dino_locat.visualization.knn_curves import write_curves
 
 
@@ -25,10 +25,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    try:
-        write_curves(args.runs, args.output_dir, args.title)
-    except (CheckpointError, OSError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run_command(lambda: write_curves(args.runs, args.output_dir, args.title))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino_locat.checkout import note_other_copies
-from dino_locat.checkpoint import CheckpointError
+from dino_locat.errors import run_command
 from dino_locat.evaluation.options import add_backbone_args
 from dino_locat.visualization.commands import visualize_checkpoint
 
@@ -58,8 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    try:
-        visualize_checkpoint(
+    run_command(
+        lambda: visualize_checkpoint(
             pretrained_weights=args.pretrained_weights,
             output_dir=args.output_dir,
             images=args.images,
@@ -75,8 +75,7 @@ def main(args: argparse.Namespace) -> None:
             bias_images=args.bias_images,
             device=args.device,
         )
-    except (CheckpointError, FileNotFoundError, OSError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    )
 
 
 if __name__ == "__main__":

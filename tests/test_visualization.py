@@ -184,18 +184,19 @@ def test_visualize_cli_plain_vit_gets_attention_and_a_no_gaug_note(tmp_path, cap
         (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
     ],
 )
-def test_visualize_cli_bad_flags_exit_with_a_clear_message(tmp_path, extra, message):
+def test_visualize_cli_bad_flags_exit_with_a_clear_message(tmp_path, capsys, extra, message):
     write_tiny_checkpoint(tmp_path / "checkpoint.pth", "locatvit_t", epoch=1, seed=0)
     cli = load_cli("visualize")
     argv = ["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--num_images", "1"]
     argv += ["--output_dir", str(tmp_path / "out"), *extra]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(cli.get_args_parser().parse_args(argv))
-    assert message in str(exit_info.value.code)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_visualize_cli_names_an_unreadable_image_or_missing_checkpoint(tmp_path):
+def test_visualize_cli_names_an_unreadable_image_or_missing_checkpoint(tmp_path, capsys):
     write_tiny_checkpoint(tmp_path / "checkpoint.pth", "locatvit_t", epoch=1, seed=0)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
@@ -208,7 +209,8 @@ def test_visualize_cli_names_an_unreadable_image_or_missing_checkpoint(tmp_path)
         argv += ["--images", *images] if images else []
         with pytest.raises(SystemExit) as exit_info:
             cli.main(cli.get_args_parser().parse_args(argv))
-        assert named in str(exit_info.value.code)
+        assert exit_info.value.code == 2
+        assert named in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -285,12 +287,13 @@ def test_trends_from_tensorboard_scalars_without_epoch_info(tmp_path):
     assert record["cap"] is None
 
 
-def test_trends_cli_reports_a_run_without_data(tmp_path):
+def test_trends_cli_reports_a_run_without_data(tmp_path, capsys):
     cli = load_cli("gaug_trends")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(cli.get_args_parser().parse_args(["--run_dir", str(tmp_path / "empty")]))
-    assert "no checkpoint*.pth files in" in str(exit_info.value.code)
+    assert exit_info.value.code == 2
+    assert "no checkpoint*.pth files in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["locatvit_t", "vit_t"])

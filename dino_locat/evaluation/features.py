@@ -296,7 +296,9 @@ def save_features(
 
 def load_features(path: str | os.PathLike) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """(features, labels, info) written by ``save_features``."""
-    data = load_checkpoint(path)
+    data = load_checkpoint(
+        path, hint="pass a file written by --dump_features, or delete it to recompute it"
+    )
     if not isinstance(data, Mapping) or not {"features", "labels"} <= set(data):
         raise ValueError(f"{path} is not a feature file written by save_features")
     return data["features"], data["labels"], dict(data.get("info", {}))

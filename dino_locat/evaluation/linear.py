@@ -522,7 +522,7 @@ def evaluate_saved_head(args: argparse.Namespace) -> dict[str, Any]:
     """
     output_dir = default_output_dir(args, "linear")
     path = Path(args.pretrained_linear or output_dir / "linear_head.pth")
-    saved = load_checkpoint(path)
+    saved = load_checkpoint(path, hint="pass the linear_head.pth that eval/linear.py wrote")
     try:
         spec = HeadSpec(**saved["spec"])
         state, saved_classes = saved["head"], list(saved["classes"])

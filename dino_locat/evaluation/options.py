@@ -19,24 +19,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dino_locat.checkpoint import CheckpointError
-from dino_locat.data.fashion_mnist import DatasetMissingError
-from dino_locat.data.segmentation import SegmentationDataError
 from dino_locat.distributed import DEFAULT_TIMEOUT_S, DistributedError, init_distributed
+from dino_locat.errors import USER_ERRORS, fail
 from dino_locat.models import ARCH_NAMES, POS_EMBED_INTERPOLATIONS
 
 
 class EvaluationInputError(ValueError):
     """A flag or input that cannot be evaluated; the message names it."""
-
-
-USER_ERRORS = (
-    CheckpointError,
-    DatasetMissingError,
-    EvaluationInputError,
-    SegmentationDataError,
-    OSError,
-)
 
 
 def add_backbone_args(
@@ -58,7 +47,8 @@ def add_backbone_args(
             default=None,
             required=required,
             help="checkpoint to evaluate: our checkpoint.pth (or its output_dir), an official "
-            "DINO checkpoint, or a bare / timm backbone state_dict",
+            "DINO checkpoint, a bare / timm backbone state_dict, or an export of "
+            "eval/export.py (.safetensors or .pth)",
         )
     group.add_argument(
         "--checkpoint_key",
@@ -96,7 +86,8 @@ def add_backbone_args(
         default="auto",
         help="how the position embedding is resampled to the evaluation size: timm (bicubic "
         "with antialias, as timm), dino (DINO's bicubic at scale (n + 0.1) / n0, no "
-        "antialias); auto: dino for checkpoints trained with DINO's code, else timm",
+        "antialias); auto: the rule the checkpoint or export recorded, else dino for "
+        "checkpoints trained with DINO's code, else timm",
     )
     if compilable:
         group.add_argument(
@@ -213,7 +204,7 @@ def note_launcher_flags(args: argparse.Namespace) -> None:
 
 def run_cli(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
     """Run an evaluator on this process; a user error prints one clear line and exits with
-    status 2.
+    status 2 (:func:`dino_locat.errors.fail`).
 
     Under torchrun every rank runs ``run`` (the feature extraction is sharded), only rank 0
     prints to stdout; errors go to stderr prefixed with the rank that saw them.
@@ -231,8 +222,7 @@ def run_cli(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) 
                 print(f"{env.world_size} processes ({env.source}): extraction is sharded")
             return run(args)
     except USER_ERRORS as err:
-        print(f"{where}: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+        fail(err, where)
     except DistributedError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from err

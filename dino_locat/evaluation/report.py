@@ -32,16 +32,24 @@ class _Unwritten:
 
 
 class Report:
-    """One evaluation's outputs under ``output_dir``: results.json and tensorboard/."""
+    """One evaluation's outputs under ``output_dir``: results.json and tensorboard/.
+
+    The folder and the TensorBoard writer are made on first use, so an evaluation that
+    fails on its inputs (a damaged checkpoint) leaves nothing behind.
+    """
 
     def __init__(self, output_dir: str | os.PathLike, name: str) -> None:
         self.output_dir = Path(output_dir)
         self.name = name
         self.writes = is_main_process()
-        self.writer: Any = _Unwritten()
-        if self.writes:
+        self._writer: Any = None if self.writes else _Unwritten()
+
+    @property
+    def writer(self) -> Any:
+        if self._writer is None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = tensorboard_writer(self.output_dir)
+            self._writer = tensorboard_writer(self.output_dir)
+        return self._writer
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(f"{self.name}/{tag}", value, global_step=step)

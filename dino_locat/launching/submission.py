@@ -17,7 +17,8 @@ from typing import Any, NoReturn
 
 import submitit
 
-from dino_locat.checkpoint import CheckpointError
+from dino_locat.checkpoint import RESUME_HINT, checkpoint_file, load_checkpoint
+from dino_locat.errors import run_command
 from dino_locat.evaluation import hummingbird, knn, linear, segmentation
 from dino_locat.evaluation.options import default_output_dir
 from dino_locat.launching.executors import fresh_job_folder, gpus_per_node, make_executor
@@ -155,6 +156,8 @@ def launch_training(args: argparse.Namespace) -> int:
     if train_args.data_path:
         train_args.data_path = str(Path(train_args.data_path).resolve())
     checkpoint = Path(train_args.output_dir) / "checkpoint.pth"
+    if checkpoint.exists():  # the job would resume from it: a damaged one fails here, now
+        load_checkpoint(checkpoint, hint=RESUME_HINT, mmap=True)
     flags = _eval_flags(args)
     evals = {name: evaluation_args(name, checkpoint, flags.get(name, [])) for name in args.eval}
 
@@ -199,6 +202,8 @@ def launch_evaluation(name: str, args: argparse.Namespace) -> int:
     for flag in ("pretrained_weights", "data_path", "load_features", "dump_features"):
         if getattr(eval_args, flag, None):
             setattr(eval_args, flag, str(Path(getattr(eval_args, flag)).resolve()))
+    if eval_args.pretrained_weights:  # a damaged checkpoint fails here, not in the job
+        load_checkpoint(checkpoint_file(eval_args.pretrained_weights), mmap=True)
     eval_args.output_dir = str(default_output_dir(eval_args, name).resolve())
     args.output_dir = eval_args.output_dir
     folder = fresh_job_folder(args, f"eval_{name}")
@@ -242,9 +247,4 @@ def evaluation_launch_parser() -> argparse.ArgumentParser:
 
 def exit_with(launch: Callable[..., int], *args: Any) -> NoReturn:
     """Run a launcher and exit with its status; a bad flag or input exits 2 with one line."""
-    try:
-        status = launch(*args)
-    except (ValueError, CheckpointError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    raise SystemExit(status)
+    raise SystemExit(run_command(launch, *args))

@@ -10,13 +10,23 @@ Parameter names follow timm's VisionTransformer (``blocks.{i}.attn.qkv``,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
-from timm.models import register_model
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from torch import Tensor, nn
 
 from dino_locat.models.biased_attention import gaussian_biased_attention
@@ -386,22 +396,132 @@ def build_backbone(arch: str, **kwargs) -> VisionTransformer:
     return VisionTransformer(**config)
 
 
-def _timm_entry(name: str):
-    def create(pretrained: bool = False, **kwargs) -> VisionTransformer:
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)
-        if pretrained:
-            raise RuntimeError(
-                f"{name}: no pretrained weights are downloaded; load a state_dict with "
-                "dino_locat.checkpoint.load_pretrained_backbone"
+# -- taking a backbone away (docs/backbones.md#taking-a-backbone-away) ---------------------
+# An exported backbone is its state_dict plus, in a .safetensors file, these string facts:
+# enough to rebuild the very model (timm kwargs) and to evaluate it as its checkpoint was.
+EXPORT_FORMAT = "dino_locat.backbone.v1"
+_SIZE_BY_DIM = {preset["embed_dim"]: size for size, preset in ARCH_PRESETS.items()}
+
+
+def backbone_metadata(model: VisionTransformer) -> dict[str, str]:
+    """What rebuilds ``model`` (arch, patch size, depth, native image size, MLP ratio, qkv
+    bias, position-embedding rule), as safetensors metadata (str -> str)."""
+    if model.embed_dim not in _SIZE_BY_DIM:
+        raise ValueError(f"embed dim {model.embed_dim} is no registered arch (192/384/768)")
+    first = model.blocks[0]
+    return {
+        "format": EXPORT_FORMAT,
+        "arch": f"{'locatvit' if model.locality else 'vit'}_{_SIZE_BY_DIM[model.embed_dim]}",
+        "patch_size": str(model.patch_size),
+        "depth": str(len(model.blocks)),
+        "img_size": str(model.img_size),
+        "mlp_ratio": repr(first.mlp.fc1.out_features / model.embed_dim),
+        "qkv_bias": str(first.attn.qkv.bias is not None).lower(),
+        "pos_embed_interpolation": model.pos_embed_interpolation,
+    }
+
+
+def metadata_config(metadata: Mapping[str, str], source: str) -> tuple[str, dict[str, Any]]:
+    """(arch, :func:`build_backbone` kwargs) from :func:`backbone_metadata`'s strings."""
+    try:
+        rule = metadata["pos_embed_interpolation"]
+        if rule not in POS_EMBED_INTERPOLATIONS:
+            raise KeyError(f"pos_embed_interpolation {rule!r}")
+        return canonical_arch(metadata["arch"]), {
+            "patch_size": int(metadata["patch_size"]),
+            "depth": int(metadata["depth"]),
+            "img_size": int(metadata["img_size"]),
+            "mlp_ratio": float(metadata["mlp_ratio"]),
+            "qkv_bias": {"true": True, "false": False}[metadata["qkv_bias"]],
+            "pos_embed_interpolation": rule,
+        }
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{source}: damaged export metadata ({err!r})") from err
+
+
+def _file_config(name: str, file: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` completed from the metadata of an exported ``file``; a kwarg that
+    contradicts the file (another depth, patch or native size) is refused, since the
+    weights would not fit, or GAug would be scaled to another native grid."""
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"pretrained file not found: {file}")
+    try:
+        with safe_open(file, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{file}: not a readable .safetensors file ({err})") from err
+    if metadata.get("format") != EXPORT_FORMAT:
+        return kwargs  # someone else's safetensors: the kwargs say what it holds
+    arch, config = metadata_config(metadata, file)
+    if arch != canonical_arch(name):
+        raise ValueError(f"{file} holds a {arch} backbone: create {arch!r}, not {name!r}")
+    for key, stored in config.items():
+        given = kwargs.get(key)
+        if isinstance(given, list | tuple) and len(set(given)) == 1:
+            given = given[0]
+        if given is not None and key != "pos_embed_interpolation" and given != stored:
+            raise ValueError(
+                f"{key}={kwargs[key]!r} contradicts {file}, exported with {key}={stored!r}; "
+                f"drop {key} (it is read from the file); the model takes any input size that "
+                "is a multiple of its patch size"
             )
-        return build_backbone(name, **kwargs)
+    rule = kwargs.get("pos_embed_interpolation") or config["pos_embed_interpolation"]
+    return {**kwargs, **config, "pos_embed_interpolation": rule}
+
+
+def _timm_entry(name: str):
+    def create(
+        pretrained: bool = False,
+        pretrained_cfg: Any = None,
+        pretrained_cfg_overlay: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> VisionTransformer:
+        kwargs.pop("cache_dir", None)
+        if pretrained:
+            cfg = resolve_pretrained_cfg(name, pretrained_cfg, pretrained_cfg_overlay)
+            if not cfg.file and cfg.state_dict is None:
+                raise RuntimeError(
+                    f"{name}: no weights are downloaded; pass a local file, e.g. "
+                    f"timm.create_model({name!r}, pretrained=True, num_classes=0, "
+                    "pretrained_cfg_overlay=dict(file='backbone.safetensors')) with a file "
+                    "written by eval/export.py"
+                )
+            if cfg.file and str(cfg.file).endswith(".safetensors"):
+                kwargs = _file_config(name, str(cfg.file), kwargs)
+        return build_model_with_cfg(
+            partial(build_backbone, name),
+            name,
+            pretrained,
+            pretrained_cfg=pretrained_cfg,
+            pretrained_cfg_overlay=pretrained_cfg_overlay,
+            **kwargs,
+        )
 
     create.__name__ = name
     create.__qualname__ = name
-    create.__doc__ = f"timm entry point for {name} (see dino_locat.models)."
+    create.__doc__ = (
+        f"timm entry point for {name} (see dino_locat.models); ``pretrained=True`` loads a "
+        "local file given as ``pretrained_cfg_overlay=dict(file=...)`` (nothing is downloaded)."
+    )
     return register_model(create)
 
+
+# Read by timm's register_model: no weights to download; the backbone has no classifier
+# (num_classes 0) and is normalised with ImageNet's mean and std, as DINO trains it.
+default_cfgs = generate_default_cfgs(
+    {
+        name: {
+            "num_classes": 0,
+            "input_size": (3, 224, 224),
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
+            "interpolation": "bicubic",
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        }
+        for name in ARCH_NAMES
+    }
+)
 
 for _name in ARCH_NAMES:
     globals()[_name] = _timm_entry(_name)

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from dino_locat.checkpoint import (
+    RESUME_HINT,
     CheckpointError,
     checkpoint_args,
     load_checkpoint,
@@ -172,9 +173,9 @@ class DinoTrainer:
     # -- checkpoints ----------------------------------------------------------------------
     def resume(self) -> int:
         """Load ``checkpoint.pth`` if present; return the next epoch to run."""
-        if not self.checkpoint_path.is_file():
+        if not self.checkpoint_path.exists():
             return 0
-        ckpt = load_checkpoint(self.checkpoint_path)
+        ckpt = load_checkpoint(self.checkpoint_path, hint=RESUME_HINT)
         self.check_resume_flags(ckpt)
         try:
             self.student.load_state_dict(strip_compile_prefix(ckpt["student"]))

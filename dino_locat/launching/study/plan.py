@@ -18,7 +18,7 @@ from typing import Any
 
 import submitit
 
-from dino_locat.checkpoint import checkpoint_args, load_checkpoint, plain_args
+from dino_locat.checkpoint import RESUME_HINT, checkpoint_args, load_checkpoint, plain_args
 from dino_locat.launching.options import add_submission_args
 from dino_locat.launching.submission import EVALUATORS, add_eval_flags
 from dino_locat.training import get_args_parser as training_args_parser
@@ -180,9 +180,9 @@ class Piece:
                 parent.is_file() and results.stat().st_mtime >= parent.stat().st_mtime
             )
             return self.planned_as(recorded) and newer
-        if not self.checkpoint.is_file():
+        if not self.checkpoint.exists():
             return False
-        ckpt = load_checkpoint(self.checkpoint)
+        ckpt = load_checkpoint(self.checkpoint, hint=RESUME_HINT)
         stored, planned = checkpoint_args(ckpt), self.flags()
         differ = sorted(
             k for k in planned if k not in RUN_ONLY_FLAGS and stored.get(k) != planned[k]
