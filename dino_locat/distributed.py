@@ -50,8 +50,17 @@ PEER_FAILURE_MARKS = (
 
 # Node of every rank of the process group, gathered once when it is formed (for error messages).
 _rank_nodes: list[str] = []
-# The gloo group in which the other ranks wait for rank 0's own work (see wait_for_main).
-_main_wait: dict[str, object] = {}
+
+
+@dataclass
+class _MainWait:
+    """The gloo group in which the other ranks wait for rank 0's own work, and its timeout."""
+
+    group: dist.ProcessGroup | None = None
+    seconds: float = DEFAULT_MAIN_WAIT_S
+
+
+_main_wait = _MainWait()
 
 
 class DistributedError(RuntimeError):
@@ -205,11 +214,10 @@ def init_distributed(
         nodes: list[str] = [""] * env.world_size
         dist.all_gather_object(nodes, node_name())
         _rank_nodes[:] = nodes
-        wait = main_wait_s()
-        _main_wait["group"] = dist.new_group(
-            backend="gloo", timeout=datetime.timedelta(seconds=wait)
+        _main_wait.seconds = main_wait_s()
+        _main_wait.group = dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=_main_wait.seconds)
         )
-        _main_wait["seconds"] = wait
     return env, device
 
 
@@ -245,18 +253,16 @@ def wait_for_main(what: str) -> None:
     """
     if not is_distributed():
         return
-    group = _main_wait.get("group")
     try:
-        if group is None:  # a process group formed elsewhere: its own timeout applies
+        if _main_wait.group is None:  # a process group formed elsewhere: its timeout applies
             dist.barrier()
         else:
-            dist.barrier(group=group)
+            dist.barrier(group=_main_wait.group)
     except RuntimeError as err:
         lost = describe_peer_failure(err, rank(), world_size())
-        seconds = _main_wait.get("seconds", timeout_s())
         raise DistributedError(
-            f"{lost} (while waiting up to {seconds:g} s, DINO_LOCAT_MAIN_WAIT_S, for rank 0 "
-            f"on node {rank_node(0)} to finish {what})"
+            f"{lost} (while waiting up to {_main_wait.seconds:g} s, DINO_LOCAT_MAIN_WAIT_S, "
+            f"for rank 0 on node {rank_node(0)} to finish {what})"
         ) from err
 
 

@@ -3,7 +3,9 @@
 Search is exact inner product with faiss ``IndexFlatIP`` (cosine similarity, as features are
 L2-normalised). The bank is never copied whole: it is indexed one slice at a time and the
 per-slice top-k lists are merged in a heap, while queries go through in batches. Peak
-memory is the bank itself plus one slice, whatever the number of queries.
+memory is the bank itself plus one slice, whatever the number of queries. The bank need not
+be held at all (``NeighborStream``): the online k-NN streams each rank's shard of it, batch
+by batch, and merges the ranks' top-k lists (``merge_over_ranks``).
 """
 
 from __future__ import annotations

@@ -153,10 +153,7 @@ class KnnProbe:
         with evaluating(list(models)):
             with torch.no_grad():  # each scorer's feature size, from one image
                 image = self.splits["queries"][0][0][None].to(device)
-                dims = [
-                    e(m, image).flatten(1).shape[1]
-                    for m, (_, e) in zip(models, scorers.values(), strict=True)
-                ]
+                dims = [e(m, image).flatten(1).shape[1] for m, e in scorers.values()]
             queries, query_labels = extract_features(
                 models, self._loader("queries", device), embed, device, "k-NN queries",
                 verbose=False,
