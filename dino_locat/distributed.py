@@ -9,6 +9,11 @@ group at all (nothing to talk to, no port to collide with other runs).
 A rank that dies must not leave the others hanging: the process group is created with a
 timeout (``DINO_LOCAT_DIST_TIMEOUT_S``, default 600 s) that bounds both the start-up
 rendezvous and every collective, and errors name the rank and node that saw them.
+
+Work that only rank 0 does (writing a checkpoint, logs, figures) may take longer than that:
+the other ranks wait for it in :func:`wait_for_main`, a barrier of its own (gloo, also next
+to nccl) whose timeout is ``DINO_LOCAT_MAIN_WAIT_S`` (default: an hour, or the collective
+timeout if that is longer). A rank that dies ends the wait at once, on every rank.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import Tensor
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_MAIN_WAIT_S = 3600.0
 # What gloo/NCCL/the rendezvous store say when another rank has gone away or stopped answering.
 PEER_FAILURE_MARKS = (
     "Connection closed by peer",
@@ -46,6 +52,17 @@ PEER_FAILURE_MARKS = (
 _rank_nodes: list[str] = []
 
 
+@dataclass
+class _MainWait:
+    """The gloo group in which the other ranks wait for rank 0's own work, and its timeout."""
+
+    group: dist.ProcessGroup | None = None
+    seconds: float = DEFAULT_MAIN_WAIT_S
+
+
+_main_wait = _MainWait()
+
+
 class DistributedError(RuntimeError):
     """A process group could not be formed, or a collective failed because a rank is gone."""
 
@@ -55,17 +72,29 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
-def timeout_s(env: Mapping[str, str] | None = None) -> float:
-    """Seconds the rendezvous and each collective may wait (``DINO_LOCAT_DIST_TIMEOUT_S``)."""
-    env = os.environ if env is None else env
-    text = env.get("DINO_LOCAT_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    text = env.get(name, str(default))
     try:
         value = float(text)
     except ValueError as err:
-        raise ValueError(f"DINO_LOCAT_DIST_TIMEOUT_S={text!r} is not a number of seconds") from err
+        raise ValueError(f"{name}={text!r} is not a number of seconds") from err
     if value <= 0:
-        raise ValueError(f"DINO_LOCAT_DIST_TIMEOUT_S={text!r} must be positive")
+        raise ValueError(f"{name}={text!r} must be positive")
     return value
+
+
+def timeout_s(env: Mapping[str, str] | None = None) -> float:
+    """Seconds the rendezvous and each collective may wait (``DINO_LOCAT_DIST_TIMEOUT_S``)."""
+    env = os.environ if env is None else env
+    return _seconds(env, "DINO_LOCAT_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+
+
+def main_wait_s(env: Mapping[str, str] | None = None) -> float:
+    """Seconds the other ranks wait for rank 0's own work (``DINO_LOCAT_MAIN_WAIT_S``;
+    default an hour, or :func:`timeout_s` when that is longer)."""
+    env = os.environ if env is None else env
+    default = max(DEFAULT_MAIN_WAIT_S, timeout_s(env))
+    return _seconds(env, "DINO_LOCAT_MAIN_WAIT_S", default)
 
 
 @dataclass(frozen=True)
@@ -185,6 +214,10 @@ def init_distributed(
         nodes: list[str] = [""] * env.world_size
         dist.all_gather_object(nodes, node_name())
         _rank_nodes[:] = nodes
+        _main_wait.seconds = main_wait_s()
+        _main_wait.group = dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=_main_wait.seconds)
+        )
     return env, device
 
 
@@ -204,6 +237,33 @@ def describe_peer_failure(err: BaseException, rank: int, world_size: int) -> str
         f"rank {rank} of {world_size} on node {node_name()}: another rank (of {others}) died "
         f"or stopped answering: {first}"
     )
+
+
+def rank_node(rank: int) -> str:
+    """The node ``rank`` runs on (known once the process group is formed), else ``?``."""
+    return _rank_nodes[rank] if rank < len(_rank_nodes) else "?"
+
+
+def wait_for_main(what: str) -> None:
+    """Wait here, on every rank, until rank 0 has done ``what`` (work only rank 0 does).
+
+    The wait is bounded by ``DINO_LOCAT_MAIN_WAIT_S``, not by the collective timeout, so a
+    slow checkpoint or figure cannot make the other ranks give up; a rank that dies or
+    stops answering still ends it on every rank, with one line naming rank and node.
+    """
+    if not is_distributed():
+        return
+    try:
+        if _main_wait.group is None:  # a process group formed elsewhere: its timeout applies
+            dist.barrier()
+        else:
+            dist.barrier(group=_main_wait.group)
+    except RuntimeError as err:
+        lost = describe_peer_failure(err, rank(), world_size())
+        raise DistributedError(
+            f"{lost} (while waiting up to {_main_wait.seconds:g} s, DINO_LOCAT_MAIN_WAIT_S, "
+            f"for rank 0 on node {rank_node(0)} to finish {what})"
+        ) from err
 
 
 def is_distributed() -> bool:
@@ -247,8 +307,9 @@ def collective(what: str, call: Callable[[], T]) -> T:
         return call()
     except RuntimeError as err:
         raise DistributedError(
-            f"rank {rank()} of {world_size()}: {what} failed; another rank probably died or "
-            f"did not answer within the timeout ({str(err).splitlines()[0] if str(err) else err})"
+            f"rank {rank()} of {world_size()} on node {node_name()}: {what} failed; another "
+            "rank probably died or did not answer within the timeout "
+            f"({str(err).splitlines()[0] if str(err) else err})"
         ) from err
 
 

@@ -87,3 +87,22 @@ def test_an_epoch_replays_exactly_whatever_the_number_of_workers(shared_image_fo
     rank1 = EpochSampler(dataset, 2, 1, seed=5)
     indices0, indices1 = {i for _, i in rank0}, {i for _, i in rank1}
     assert not indices0 & indices1 and len(indices0 | indices1) == len(dataset)
+
+
+def test_n_ranks_at_batch_b_see_the_images_of_one_process_at_batch_n_b():
+    """Step by step the same images, and as many steps, also when the data does not divide
+    by the number of ranks (the tail is dropped, never padded with repeats)."""
+    dataset = list(range(31))
+    for world, batch in ((2, 4), (3, 2), (4, 3)):
+        ranks = [EpochSampler(dataset, world, rank, seed=5) for rank in range(world)]
+        single = EpochSampler(dataset, 1, 0, seed=5)
+        for sampler in (*ranks, single):
+            sampler.set_epoch(3)
+        per_rank = [[index for _, index in sampler] for sampler in ranks]
+        steps = len(per_rank[0]) // batch
+        alone = [index for _, index in single]
+        assert steps == len(alone) // (world * batch)
+        for step in range(steps):
+            together = {i for part in per_rank for i in part[step * batch : (step + 1) * batch]}
+            assert together == set(alone[step * world * batch : (step + 1) * world * batch])
+            assert len(together) == world * batch

@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from dino_locat.evaluation.knn import (
+    NeighborStream,
     effective_ks,
     knn_accuracy,
     knn_scores,
     nearest_neighbors,
+    neighbor_accuracy,
 )
 from dino_locat.evaluation.metrics import topk_correct
 
@@ -55,6 +57,22 @@ def test_nearest_neighbors_merge_slices_and_query_batches():
     sims, ids = nearest_neighbors(train, test, 40, query_batch=7, slice_rows=37)
     assert torch.equal(torch.from_numpy(ids), reference_ids)
     torch.testing.assert_close(torch.from_numpy(sims), reference_sims, rtol=0, atol=1e-5)
+
+
+def test_a_bank_streamed_in_pieces_smaller_than_k_gives_the_same_neighbours_and_votes():
+    """How the online k-NN searches: each rank streams its shard's feature batches, some
+    shorter than k (or empty); the votes equal those of the whole bank at once."""
+    train, train_labels, test, test_labels = random_problem(101, 23, 16, 5, seed=4)
+    reference_sims, reference_ids = (test @ train.T).topk(20, dim=1)
+    stream = NeighborStream(test, 20, query_batch=6)
+    bounds = [0, 3, 3, 20, 21, 60, 101]
+    for start, stop in zip(bounds, bounds[1:], strict=False):
+        stream.add(train[start:stop], start)
+    sims, ids = (torch.from_numpy(a) for a in stream.result())
+    assert torch.equal(ids, reference_ids)
+    torch.testing.assert_close(sims, reference_sims, rtol=0, atol=1e-5)
+    whole = knn_accuracy(train, train_labels, test, test_labels, 5, (10, 20))
+    assert neighbor_accuracy(sims, train_labels[ids], test_labels, 5, (10, 20)) == whole
 
 
 @pytest.mark.parametrize("classes", [10, 7])

@@ -5,11 +5,12 @@ its checkpoint, a k-NN job chained with afterok runs after it, a job preempted b
 higher-priority partition is requeued and ends with the weights of an uninterrupted run, and
 an exception inside a job reaches the user with its traceback. On the two nodes of the test
 cluster (n1, n2: two slurmd daemons on this host): two nodes x one process train exactly as
-one node x two processes; a node that crashes mid-run (its slurmd, slurmstepd and task killed)
-gets the job requeued by SLURM, and the rerun resumes to the same weights; a job with a
-one-minute limit finishes a longer run through time-limit requeues. Skipped, with the reason,
-only when no slurmctld answers ``scontrol ping`` (or, for the two-node tests, when the cluster
-is not the two-node one that .ci/slurm/start.sh starts).
+one node x two processes, with an online k-NN curve equal to one process's; a node that
+crashes mid-run (its slurmd, slurmstepd and task killed) gets the job requeued by SLURM, and
+the rerun resumes to the same weights; a job with a one-minute limit finishes a longer run
+through time-limit requeues. Skipped, with the reason, only when no slurmctld answers
+``scontrol ping`` (or, for the two-node tests, when the cluster is not the two-node one that
+.ci/slurm/start.sh starts).
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ JOB_LIMIT_S = 600  # generous: a loaded 2-core machine runs these jobs several t
 NODES = ("n1", "n2")
 RUN_DIR = Path(os.environ.get("DINO_SLURM_RUN_DIR", "/run/dino_locat-slurm"))
 # Two ranks x 8 images = 2 steps an epoch on 32 images: a few seconds per run on 2 cores.
-TWO_NODE_FLAGS = {"epochs": 4, "subset": 32, "batch_size_per_gpu": 8}
+# The online k-NN on (both ranks probe, sharded); drop path 0, so that one process with
+# twice the batch trains the same model (drop path draws its randomness per rank).
+TWO_NODE_FLAGS = {
+    "epochs": 4, "subset": 32, "batch_size_per_gpu": 8, "drop_path_rate": 0,
+    "knn_freq": 2, "knn_train_images": 40, "knn_test_images": 21,
+}  # fmt: skip
 TIME_LIMITED_S = 75  # training time of the run that meets a one-minute limit
 
 pytestmark = pytest.mark.slurm
@@ -238,8 +244,8 @@ def two_nodes(slurm) -> None:
         pytest.skip(f"no slurmd pid file under {RUN_DIR} for {missing}: not the test cluster")
 
 
-def two_node_argv(out: Path) -> list[str]:
-    return [str(arg) for arg in tiny_training_argv(out, **TWO_NODE_FLAGS)]
+def two_node_argv(out: Path, **flags: object) -> list[str]:
+    return [str(arg) for arg in tiny_training_argv(out, **{**TWO_NODE_FLAGS, **flags})]
 
 
 def rank_lines(job_id: str, folder: Path, ranks: int) -> list[str]:
@@ -259,10 +265,17 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def layouts(two_nodes, tmp_path_factory) -> dict[str, tuple[Path, submitit.SlurmJob]]:
-    """The same run as 2 nodes x 1 process and as 1 node x 2 processes (SLURM queues them)."""
+def layouts(two_nodes, tmp_path_factory) -> dict[str, tuple[Path, submitit.SlurmJob | None]]:
+    """The same run as 2 nodes x 1 process and as 1 node x 2 processes (SLURM queues them),
+    and as one process with the global batch (here, while they run)."""
     base = tmp_path_factory.mktemp("slurm_layouts")
     runs = {}
+    single = subprocess.Popen(
+        [sys.executable, "-m", "dino_locat.training",
+         *two_node_argv(base / "one_process", batch_size_per_gpu=16)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     for name, nodes, ngpus in (("two_nodes", 2, 1), ("one_node", 1, 2)):
         out = base / name
         proc = launch(*two_node_argv(out), "--cluster", "slurm", "--nodes", nodes, "--ngpus", ngpus)
@@ -272,6 +285,9 @@ def layouts(two_nodes, tmp_path_factory) -> dict[str, tuple[Path, submitit.Slurm
     for _, job in runs.values():
         wait_done(job)
         job.results()
+    _, err = single.communicate(timeout=JOB_LIMIT_S)
+    assert single.returncode == 0, err[-3000:]
+    runs["one_process"] = (base / "one_process", None)
     return runs
 
 
@@ -289,6 +305,17 @@ def test_two_nodes_train_exactly_as_one_node_with_two_processes(layouts):
     two_ckpt, one_ckpt = (load_checkpoint(p / "checkpoint.pth") for p in (two, one))
     assert two_ckpt["epoch"] == one_ckpt["epoch"] == TWO_NODE_FLAGS["epochs"]
     assert_same_weights(two_ckpt, one_ckpt)
+    # The online k-NN ran on both nodes; its curve is that of one process with the global
+    # batch (tests/test_training_distributed.py checks the weights that make it).
+    single = load_checkpoint(layouts["one_process"][0] / "checkpoint.pth")
+    curves = [
+        [(h["epoch"], h["teacher_top1"], h["student_top1"]) for h in c["online_knn"]["history"]]
+        for c in (two_ckpt, one_ckpt, single)
+    ]
+    assert curves[0] == curves[1] == curves[2], curves
+    assert [epoch for epoch, _, _ in curves[0]] == [0, 2, 4]
+    raw = {c["online_knn"]["raw_pixels"] for c in (two_ckpt, one_ckpt, single)}
+    assert len(raw) == 1 and None not in raw
 
 
 def environ(pid: int) -> dict[str, str]:

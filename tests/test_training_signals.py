@@ -138,6 +138,7 @@ def test_bank_and_held_out_queries_avoid_the_pretraining_subset_and_each_other()
 def test_held_out_train_queries_come_from_the_train_split():
     args = argparse.Namespace(
         knn_freq=1, global_crops_size=16, knn_data_path=None, data_path=None, subset=2048,
+        num_workers=0,
         knn_train_images=40, knn_test_images=30, knn_queries="train",
     )  # fmt: skip
     probe = build_knn_probe(args)

@@ -57,11 +57,17 @@ class MultiCropDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """A DistributedSampler (shuffled with ``seed + epoch``) that yields (epoch, index)."""
+    """A DistributedSampler (shuffled with ``seed + epoch``) that yields (epoch, index).
+
+    Rank r takes items r, r + N, r + 2N ... of the epoch's permutation, and the tail that
+    does not divide by N is dropped rather than padded with repeats. So step t of N ranks at
+    batch B sees exactly the images of step t of one process at batch N * B (the
+    permutation's items t*N*B up to (t+1)*N*B), in as many steps: N processes train as one.
+    """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
         self.sampler = DistributedSampler(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
         self.epoch = 0
 

@@ -5,7 +5,9 @@ Design: docs/architecture.md#evaluation-protocols.
 Search is exact inner product with faiss ``IndexFlatIP`` (cosine similarity, as features are
 L2-normalised). The bank is never copied whole: it is indexed one slice at a time and the
 per-slice top-k lists are merged in a heap, while queries go through in batches. Peak
-memory is the bank itself plus one slice, whatever the number of queries.
+memory is the bank itself plus one slice, whatever the number of queries. The bank need not
+be held at all (``NeighborStream``): the online k-NN streams each rank's shard of it, batch
+by batch, and merges the ranks' top-k lists (``merge_over_ranks``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from dino_locat.checkpoint import CheckpointError, load_checkpoint
 from dino_locat.data.transforms import eval_transform
-from dino_locat.distributed import is_main_process
+from dino_locat.distributed import gather_rows, is_distributed, is_main_process
 from dino_locat.evaluation.backbone import frozen_backbone
 from dino_locat.evaluation.features import (
     cached_features,
@@ -70,6 +72,43 @@ def _as_float32(x: Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+class NeighborStream:
+    """Top-``k`` inner products of fixed queries against a bank that arrives in pieces.
+
+    Each piece is indexed on its own and its per-query top-k lists are merged into a heap,
+    so only one piece is held at a time: the bank can come straight from a feature
+    extractor, or from this rank's shard of it (:func:`merge_over_ranks` then joins the
+    ranks' lists).
+    """
+
+    def __init__(self, queries: Tensor | np.ndarray, k: int, query_batch: int = QUERY_BATCH):
+        self.queries = _as_float32(queries)
+        self.k, self.query_batch = k, query_batch
+        self.heap = faiss.ResultHeap(len(self.queries), k, keep_max=True)
+
+    def add(self, bank_part: Tensor | np.ndarray, first_id: int) -> None:
+        """Search ``bank_part``, whose rows have ids ``first_id, first_id + 1, ...``."""
+        bank_part = _as_float32(bank_part)
+        dim = self.queries.shape[1]
+        if bank_part.shape[1] != dim:
+            raise ValueError(f"queries have dim {dim}, the bank has {bank_part.shape[1]}")
+        index = faiss.IndexFlatIP(dim)
+        index.add(bank_part)
+        kk = min(self.k, index.ntotal)
+        if kk == 0:
+            return
+        for q0 in range(0, len(self.queries), self.query_batch):
+            q1 = min(q0 + self.query_batch, len(self.queries))
+            sims, ids = index.search(self.queries[q0:q1], kk)
+            self.heap.add_result_subset(np.arange(q0, q1), sims, ids + first_id)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities (Q, k) float32, bank ids (Q, k) int64), best first; a query that saw
+        fewer than k bank rows gets id -1 (and the lowest float) in the places left over."""
+        self.heap.finalize()
+        return self.heap.D, self.heap.I
+
+
 def nearest_neighbors(
     bank: Tensor | np.ndarray,
     queries: Tensor | np.ndarray,
@@ -90,17 +129,10 @@ def nearest_neighbors(
     if not 0 < k <= rows:
         raise ValueError(f"k={k} must be in 1..{rows} (the bank size)")
     slice_rows = slice_rows or max(k, SLICE_FLOATS // dim)
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    stream = NeighborStream(queries, k, query_batch)
     start_time = time.perf_counter()
     for start in range(0, rows, slice_rows):
-        index = faiss.IndexFlatIP(dim)
-        index.add(bank[start : start + slice_rows])
-        kk = min(k, index.ntotal)
-        for q0 in range(0, len(queries), query_batch):
-            q1 = min(q0 + query_batch, len(queries))
-            sims, ids = index.search(queries[q0:q1], kk)
-            heap.add_result_subset(np.arange(q0, q1), sims, ids + start)
-        del index
+        stream.add(bank[start : start + slice_rows], start)
         if verbose:
             done = min(start + slice_rows, rows)
             elapsed = time.perf_counter() - start_time
@@ -109,8 +141,22 @@ def nearest_neighbors(
                 f"ETA {elapsed * (rows - done) / done:.0f}s",
                 flush=True,
             )
-    heap.finalize()
-    return heap.D, heap.I
+    return stream.result()
+
+
+def merge_over_ranks(sims: np.ndarray, ids: np.ndarray) -> tuple[Tensor, Tensor]:
+    """The top-k over the whole bank, on every rank, from each rank's top-k over its shard
+    (same queries everywhere, bank ids global). One process gets its own lists back."""
+    queries, k = sims.shape
+    sims_t, ids_t = torch.from_numpy(sims), torch.from_numpy(ids)
+    if not is_distributed():
+        return sims_t, ids_t
+    every_sims = gather_rows(sims_t, to_all=True).view(-1, queries, k)
+    every_ids = gather_rows(ids_t, to_all=True).view(-1, queries, k)
+    joined_sims = every_sims.permute(1, 0, 2).reshape(queries, -1)
+    joined_ids = every_ids.permute(1, 0, 2).reshape(queries, -1)
+    best, where = joined_sims.topk(k, dim=1)
+    return best, joined_ids.gather(1, where)
 
 
 def weighted_vote(
@@ -165,7 +211,31 @@ def knn_accuracy(
     scores = knn_scores(
         train_features, train_labels, test_features, num_classes, ks, temperature, verbose
     )
-    used = effective_ks(ks, len(train_labels))
+    return scores_accuracy(scores, test_labels, effective_ks(ks, len(train_labels)))
+
+
+def neighbor_accuracy(
+    sims: Tensor,
+    neighbor_labels: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    ks: Sequence[int],
+    temperature: float = TEMPERATURE,
+) -> dict[int, dict[str, float | int | None]]:
+    """:func:`knn_accuracy` from a finished search: each query's (Q, k) best similarities
+    (best first) and their labels, k at least the largest k used."""
+    used = effective_ks(ks, sims.shape[1])
+    scores = {
+        k: weighted_vote(sims[:, :kk], neighbor_labels[:, :kk], num_classes, temperature)
+        for k, kk in used.items()
+    }
+    return scores_accuracy(scores, test_labels, used)
+
+
+def scores_accuracy(
+    scores: dict[int, Tensor], test_labels: Tensor, used: dict[int, int]
+) -> dict[int, dict[str, float | int | None]]:
+    """Top-1 / top-5 accuracy (%) of the class scores of every k."""
     test_labels = torch.as_tensor(test_labels, dtype=torch.long)
     results = {}
     for k, class_scores in scores.items():

@@ -33,7 +33,13 @@ from dino_locat.checkpoint import (
 from dino_locat.data.folders import build_pretraining_dataset
 from dino_locat.data.multicrop import STREAM_MODEL, EpochSampler, MultiCropDataset, derive_seed
 from dino_locat.data.transforms import MultiCropAugmentation, eval_transform
-from dino_locat.distributed import DistEnv, all_reduce_sum, init_distributed, is_distributed
+from dino_locat.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    init_distributed,
+    is_distributed,
+    wait_for_main,
+)
 from dino_locat.logging import Progress, append_json_line, format_duration, tensorboard_writer
 from dino_locat.models import build_backbone
 from dino_locat.models.compile import compile_blocks, strip_compile_prefix
@@ -41,7 +47,13 @@ from dino_locat.models.head import DINOHead, MultiCropWrapper
 from dino_locat.schedules import cosine_schedule
 from dino_locat.training.args import resolve_args
 from dino_locat.training.loss import DINOLoss, koleo_loss
-from dino_locat.training.online_knn import build_knn_probe, knn_summary
+from dino_locat.training.online_knn import (
+    RAW_PIXELS,
+    backbone_scorer,
+    build_knn_probe,
+    knn_summary,
+    raw_pixels,
+)
 from dino_locat.training.optim import (
     clip_gradients_per_tensor,
     drop_last_layer_grads,
@@ -163,7 +175,7 @@ class DinoTrainer:
             ),
             {k: getattr(args, k) for k in ("teacher_temp", "lr", "momentum_teacher", "out_dim")},
         )
-        self.knn_probe = build_knn_probe(args) if self.is_main else None
+        self.knn_probe = build_knn_probe(args)  # on every rank: the probe is sharded
         self.knn_history: list[dict[str, Any]] = []
         self.knn_raw_pixels: float | None = None
         self.train_seconds = 0.0
@@ -261,6 +273,7 @@ class DinoTrainer:
         writer = None
         if self.is_main:
             writer = tensorboard_writer(self.output_dir, purge_step=self.start_epoch * self.niter)
+        wait_for_main("opening its TensorBoard writer")
         start = time.perf_counter()
         stats: dict[str, Any] | None = None
         try:
@@ -275,6 +288,7 @@ class DinoTrainer:
                     self.save(epoch + 1)
                     append_json_line(self.output_dir / "log.txt", stats)
                     self.log_epoch(writer, epoch, stats)
+                wait_for_main(f"writing the checkpoint, log and figures of epoch {epoch + 1}")
         finally:
             if writer is not None:
                 writer.close()
@@ -291,20 +305,25 @@ class DinoTrainer:
         )
 
     def run_knn(self, epochs_done: int, writer: Any) -> dict[str, float]:
-        """Teacher and student 20-NN top-1 after ``epochs_done`` epochs (rank 0 only).
+        """Teacher and student 20-NN top-1 after ``epochs_done`` epochs.
 
-        Recorded in the history that the checkpoint keeps, so the curve survives a resume.
+        Every rank takes part (the probe is sharded) and gets the same numbers, so no rank
+        sits in a training collective meanwhile. Recorded in the history that the
+        checkpoint keeps, so the curve survives a resume.
         """
         if self.knn_probe is None:
             return {}
         start = time.perf_counter()
+        scorers = {"teacher": backbone_scorer(self.teacher.backbone)}
+        if epochs_done:  # untrained, the student is the teacher
+            scorers["student"] = backbone_scorer(self.student.backbone)
         if self.knn_raw_pixels is None:
             self.say(f"Online k-NN: {self.knn_probe.description}")
-            self.knn_raw_pixels = self.knn_probe.raw_pixels_top1()
-        teacher = self.knn_probe.top1(self.teacher.backbone, self.device)
-        student = (
-            teacher if epochs_done == 0 else self.knn_probe.top1(self.student.backbone, self.device)
-        )
+            scorers[RAW_PIXELS] = raw_pixels()
+        top1 = self.knn_probe.top1(scorers, self.device)
+        self.knn_raw_pixels = top1.get(RAW_PIXELS, self.knn_raw_pixels)
+        teacher = top1["teacher"]
+        student = top1.get("student", teacher)
         record = {
             "epoch": epochs_done,
             "step": epochs_done * self.niter,

@@ -6,6 +6,14 @@ and faiss k-NN (weighted 20-NN vote, DINO's protocol) before the first step and 
 the untrained network (the first point) and raw pixels (the same images, flattened), the
 two baselines a learned number means nothing without.
 
+Every rank takes part, so a probe costs each of N processes about 1/N of one process's time
+and no rank waits in a training collective while another probes: each embeds its share of
+the queries (gathered to every rank) and streams its share of the bank through the search,
+then the ranks' top-k lists are merged and every rank computes the same numbers, those of
+one process. Images are decoded as they are needed; what is held is the queries' features,
+one batch of bank images and its features, and the top-k lists. All backbones scored at one
+point (and raw pixels, at the first) share one pass over the images.
+
 The probe never touches the training stream: it runs in eval mode without gradients and
 inside a forked RNG, so a run with it on ends with the same weights as one without.
 """
@@ -13,18 +21,28 @@ inside a forked RNG, so a run with it on ends with the same weights as one witho
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from dino_locat.data.fashion_mnist import FashionMNIST
 from dino_locat.data.folders import spread_indices
 from dino_locat.data.transforms import eval_transform
-from dino_locat.evaluation.features import Embed, extract_features, flattened_pixels, normalized_cls
-from dino_locat.evaluation.knn import knn_accuracy
+from dino_locat.distributed import gather_rows, rank, shard_bounds, world_size
+from dino_locat.evaluation.features import (
+    Embed,
+    extract_features,
+    feature_batches,
+    flattened_pixels,
+    normalized_cls,
+    shard_loader,
+)
+from dino_locat.evaluation.knn import NeighborStream, merge_over_ranks, neighbor_accuracy
 from dino_locat.evaluation.splits import classification_splits
 
 K = 20
@@ -58,47 +76,109 @@ def embedded_bank_indices(
     return bank, held, overlaps
 
 
+RAW_PIXELS = "raw_pixels"
+
+
+def raw_pixels() -> tuple[nn.Module, Embed]:
+    """The raw-pixel scorer: the evaluation transform's output, flattened, L2-normalised."""
+    return nn.Identity(), flattened_pixels
+
+
+def backbone_scorer(backbone: nn.Module) -> tuple[nn.Module, Embed]:
+    """A backbone scored by its L2-normalised CLS embedding (DINO's k-NN features)."""
+    return backbone, normalized_cls
+
+
+@contextmanager
+def evaluating(models: list[nn.Module]) -> Iterator[None]:
+    """Eval mode and no RNG side effects for the duration; training modes restored after."""
+    modes = [model.training for model in models]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for model in models:
+                model.eval()
+            yield
+    finally:
+        for model, mode in zip(models, modes, strict=True):
+            model.train(mode)
+
+
+def _joint_embed(embeds: list[Embed]) -> Embed:
+    """One embedding that concatenates every scorer's, so one pass serves them all."""
+
+    def embed(models: nn.Module, images: Tensor) -> Tensor:
+        parts = [e(m, images).flatten(1).float() for e, m in zip(embeds, models, strict=True)]
+        return torch.cat(parts, dim=1)
+
+    return embed
+
+
 class KnnProbe:
-    """A fixed bank/query split and the way to score a backbone on it.
+    """A fixed bank/query split and the way to score backbones on it, with any number of
+    processes (every rank must call :meth:`top1` at the same point)."""
 
-    The evaluation transform is deterministic, so the images are transformed once and
-    kept as tensors; every later evaluation is forwards only.
-    """
-
-    def __init__(self, bank: Dataset, queries: Dataset, num_classes: int, description: str):
+    def __init__(
+        self,
+        bank: Dataset,
+        queries: Dataset,
+        num_classes: int,
+        description: str,
+        num_workers: int = 0,
+    ):
         self.splits = {"bank": bank, "queries": queries}
         self.num_classes = num_classes
         self.description = description
-        self._tensors: dict[str, TensorDataset] = {}
+        self.num_workers = num_workers
 
-    def _images(self, name: str) -> TensorDataset:
-        if name not in self._tensors:
-            loader = DataLoader(self.splits[name], batch_size=BATCH_SIZE, num_workers=0)
-            images, labels = zip(*loader, strict=True)
-            self._tensors[name] = TensorDataset(torch.cat(images), torch.cat(labels))
-        return self._tensors[name]
+    def _loader(self, name: str, device: torch.device) -> DataLoader:
+        return DataLoader(
+            self.splits[name],
+            batch_size=BATCH_SIZE,
+            num_workers=self.num_workers,
+            pin_memory=device.type == "cuda",
+        )
 
-    def top1(self, model: nn.Module, device: torch.device, embed: Embed = normalized_cls) -> float:
-        """20-NN top-1 accuracy (%) of ``embed(model, images)`` features."""
-        was_training = model.training
-        model.eval()
-        features = []
-        try:
-            with torch.random.fork_rng(devices=[]):
-                for name in ("bank", "queries"):
-                    loader = DataLoader(self._images(name), batch_size=BATCH_SIZE)
-                    features.append(
-                        extract_features(model, loader, embed, device, name, verbose=False)
-                    )
-        finally:
-            model.train(was_training)
-        (bank_x, bank_y), (query_x, query_y) = features
-        result = knn_accuracy(bank_x, bank_y, query_x, query_y, self.num_classes, (K,))
-        return float(result[K]["top1"])
+    def top1(
+        self, scorers: Mapping[str, tuple[nn.Module, Embed]], device: torch.device
+    ) -> dict[str, float]:
+        """20-NN top-1 accuracy (%) of each scorer's ``embed(model, images)`` features.
 
-    def raw_pixels_top1(self) -> float:
-        """The same k-NN on L2-normalised raw pixels (the evaluation transform's output)."""
-        return self.top1(nn.Identity(), torch.device("cpu"), flattened_pixels)
+        Sharded over the ranks (see the module docstring); every rank returns the same dict.
+        """
+        names = list(scorers)
+        models = nn.ModuleList(scorers[name][0] for name in names)
+        embed = _joint_embed([scorers[name][1] for name in names])
+        bank_size = len(self.splits["bank"])
+        k = min(K, bank_size)
+        with evaluating(list(models)):
+            with torch.no_grad():  # each scorer's feature size, from one image
+                image = self.splits["queries"][0][0][None].to(device)
+                dims = [e(m, image).flatten(1).shape[1] for m, e in scorers.values()]
+            queries, query_labels = extract_features(
+                models, self._loader("queries", device), embed, device, "k-NN queries",
+                verbose=False,
+            )  # fmt: skip
+            streams = [NeighborStream(part, k) for part in queries.split(dims, dim=1)]
+            del queries
+            first, _ = shard_bounds(bank_size, rank(), world_size())
+            loader = shard_loader(self._loader("bank", device))
+            labels = []
+            batches = feature_batches(models, loader, embed, device, "k-NN bank", verbose=False)
+            for features, targets in batches:
+                for stream, part in zip(streams, features.split(dims, dim=1), strict=True):
+                    stream.add(part, first)
+                first += len(features)
+                labels.append(torch.as_tensor(targets))
+        mine = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+        bank_labels = gather_rows(mine.long(), to_all=True)
+        results = {}
+        for name, stream in zip(names, streams, strict=True):
+            sims, ids = merge_over_ranks(*stream.result())
+            accuracy = neighbor_accuracy(
+                sims, bank_labels[ids], query_labels, self.num_classes, (K,)
+            )
+            results[name] = float(accuracy[K]["top1"])
+        return results
 
 
 def build_knn_probe(args: argparse.Namespace) -> KnnProbe | None:
@@ -131,7 +211,9 @@ def build_knn_probe(args: argparse.Namespace) -> KnnProbe | None:
                 args.knn_test_images,
             )  # fmt: skip
             queries_set = splits.test
-        return KnnProbe(splits.train, queries_set, len(splits.classes), splits.description)
+        return KnnProbe(
+            splits.train, queries_set, len(splits.classes), splits.description, args.num_workers
+        )
     if args.data_path is not None:
         return None
     if held_out and not args.knn_test_images:
@@ -158,6 +240,7 @@ def build_knn_probe(args: argparse.Namespace) -> KnnProbe | None:
         queries,
         len(FashionMNIST.classes),
         f"Fashion-MNIST: bank of {len(bank)} train images {where}, {len(queries)} {kind}",
+        args.num_workers,
     )
 
 
