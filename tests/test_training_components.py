@@ -202,5 +202,5 @@ def test_flags_are_checked_up_front_naming_the_flag(flags, message):
 
 def test_help_quotes_each_presets_own_value_and_the_momentum_end_flag():
     text = " ".join(get_args_parser().format_help().split())
-    assert "--preset main 4096, study 256" in text  # --out_dim
+    assert "--preset main 2, study 0" in text  # --vis_freq
     assert "cosine to the end value" in text and "cosine to 1" not in text

@@ -116,7 +116,11 @@ def test_koleo_weight_zero_is_the_plain_dino_step_and_a_weight_changes_it(tmp_pa
 
     def trainer(weight: float):
         argv = tiny_training_argv(
-            tmp_path / f"w{weight}", subset=16, drop_path_rate=0.0, koleo_loss_weight=weight
+            tmp_path / f"w{weight}",
+            subset=16,
+            drop_path_rate=0.0,
+            freeze_last_layer=1,
+            koleo_loss_weight=weight,
         )
         return build_trainer(get_args_parser().parse_args(argv))
 

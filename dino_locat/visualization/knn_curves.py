@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dino_locat.checkpoint import checkpoint_args, load_checkpoint
 from dino_locat.files import atomic_write
+from dino_locat.training.resume import LEGACY_VALUES
 from dino_locat.visualization.figures import new_figure, save_png
 from dino_locat.visualization.trends import event_dirs
 
@@ -50,11 +51,15 @@ SWEEP_FLAGS = (
     "weight_decay",
     "weight_decay_end",
     "norm_last_layer",
+    "centering",
+    "koleo_loss_weight",
+    "pos_embed_interpolation",
+    "seed",
 )
 
 
 # Flags added after some runs were made: their value in those runs.
-LATER_FLAG_DEFAULTS = {"momentum_teacher_end": 1.0}
+LATER_FLAG_DEFAULTS = {"momentum_teacher_end": 1.0, **LEGACY_VALUES}
 
 
 # The learning signals training logs to TensorBoard, and how each is drawn.

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Candidates for the README main job (LocAtViT-S, <= 10 minutes on 2 cores), scored on
+# HELD-OUT TRAIN queries of the main job's probe size (--knn_queries train: a 700-image bank
+# and 500 queries outside the pretraining subset), so that the choice never reads the test
+# split. docs/sweep/round3/README.md#candidates-for-the-readme-main-job reads them.
+# Usage: bash docs/sweep/round3/main_candidates/run_main_candidates.sh [OUTPUT_ROOT] [NAME ...]
+set -euo pipefail
+cd "$(dirname "$0")/../../../.."
+root=${1:-output/main_candidates}
+shift || true
+configs=(
+  "ls_study_d6k --preset study --subset 6144 --epochs 2 --warmup_epochs 0.2"
+  "m_preset"
+  "m_study3 --preset study --epochs 3"
+  "m_study3_sk --preset study --epochs 3 --centering sinkhorn_knopp"
+  "m_study5 --preset study --epochs 5"
+  "m_study5_lr3 --preset study --epochs 5 --lr 0.003"
+)
+wanted=" $* "
+for config in "${configs[@]}"; do
+  read -r name flags <<<"$config"
+  [[ $# -gt 0 && $wanted != *" $name "* ]] && continue
+  [[ -f $root/$name/done ]] && continue
+  # shellcheck disable=SC2086
+  python -m dino_locat.training --arch locatvit_s --knn_queries train --print_freq 20 \
+    --output_dir "$root/$name" $flags
+  touch "$root/$name/done"
+done
