@@ -44,6 +44,7 @@ def test_epoch_prints_progress_and_the_next_command(one_epoch_run):
     assert f"Checkpoint:  {out / 'checkpoint.pth'}" in stdout
     assert f"tensorboard --logdir {out / 'tensorboard'}" in stdout
     assert f"python eval/knn.py --pretrained_weights {out / 'checkpoint.pth'}" in stdout
+    assert "Longer runs:" not in stdout  # a --data_path run is the user's own
     records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 0
     assert math.isfinite(records[0]["train_loss"]) and records[0]["images_per_s"] > 0

@@ -70,6 +70,12 @@ from dino_locat.training.signals import (
 
 CHECKPOINT = "checkpoint.pth"
 VIS_IMAGES = 4
+# Where the main job points its user next: its 256 steps on 2,048 images end before DINO
+# learns on this data; these runs had the time and the images.
+LONGER_RUNS = (
+    "this preset ends before DINO learns on this data; what more images and time buy: "
+    "docs/sweep/round3/README.md"
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -562,6 +568,8 @@ class DinoTrainer:
         self.say(f"Checkpoint:  {ckpt}")
         self.say(f"TensorBoard: tensorboard --logdir {tb}")
         self.say(f"Next step:   {knn_command(self.args, ckpt)}")
+        if not self.args.data_path and self.args.preset == "main":
+            self.say(f"Longer runs: {LONGER_RUNS}")
         return {
             "output_dir": str(self.output_dir),
             "checkpoint": ckpt,
