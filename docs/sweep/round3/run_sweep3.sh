@@ -34,13 +34,6 @@ configs=(
   "vt_d28k_koleo --arch vit_t $g $d2 --koleo_loss_weight 0.1"
   "vt_d28k_sk --arch vit_t $g $d2 --centering sinkhorn_knopp"
 )
-wanted=" $* "
-for config in "${configs[@]}"; do
-  read -r name flags <<<"$config"
-  [[ $# -gt 0 && $wanted != *" $name "* ]] && continue
-  [[ -f $root/$name/done ]] && continue
-  # shellcheck disable=SC2086
-  python -m dino_locat.training --output_dir "$root/$name" --vis_freq 0 --print_freq 50 \
-    $flags
-  touch "$root/$name/done"
-done
+# shellcheck source=docs/sweep/round3/run_configs.sh
+source docs/sweep/round3/run_configs.sh
+run_configs "$root" "--vis_freq 0 --print_freq 50" "$@"
