@@ -33,6 +33,15 @@ configs=(
   "lt_d28k_p4 --arch locatvit_t $g $d2 --patch_size 4 --local_crops_size 16"
   "vt_d28k_koleo --arch vit_t $g $d2 --koleo_loss_weight 0.1"
   "vt_d28k_sk --arch vit_t $g $d2 --centering sinkhorn_knopp"
+  # Second seeds (finalists and the two DINOv2 options), identical apart from --seed.
+  "lt_d28k_s1 --arch locatvit_t $g $d2 --seed 1"
+  "vt_d28k_s1 --arch vit_t $g $d2 --seed 1"
+  "lt_d28k_koleo_s1 --arch locatvit_t $g $d2 --koleo_loss_weight 0.1 --seed 1"
+  "lt_d28k_sk_s1 --arch locatvit_t $g $d2 --centering sinkhorn_knopp --seed 1"
+  "lt_d28k_lr003_s1 --arch locatvit_t $g $d2 --lr 0.003 --seed 1"
+  "lt_d28k_k1024_s1 --arch locatvit_t $g $d2 --out_dim 1024 --seed 1"
+  "vt_d28k_koleo_s1 --arch vit_t $g $d2 --koleo_loss_weight 0.1 --seed 1"
+  "vt_d28k_sk_s1 --arch vit_t $g $d2 --centering sinkhorn_knopp --seed 1"
 )
 # shellcheck source=docs/sweep/round3/run_configs.sh
 source docs/sweep/round3/run_configs.sh
