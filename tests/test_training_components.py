@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dino_locat.evaluation.knn import get_args_parser as knn_args_parser
+from dino_locat.evaluation.splits import classification_splits
 from dino_locat.models import build_backbone
 from dino_locat.models.head import DINOHead, MultiCropWrapper
 from dino_locat.schedules import cosine_schedule
 from dino_locat.training.args import (
     DINO_DEFAULTS,
     EMBEDDED_PRESET,
+    LONG_PRESET,
     STUDY_PRESET,
     get_args_parser,
     resolve_args,
 )
 from dino_locat.training.loss import DINOLoss
+from dino_locat.training.online_knn import build_knn_probe
 from dino_locat.training.optim import (
     clip_gradients_per_tensor,
     drop_last_layer_grads,
@@ -165,16 +170,32 @@ def test_preset_fills_only_unset_flags_and_data_path_uses_dino_defaults():
         resolve_args(parser.parse_args(["--arch", "resnet50"]))
 
 
-def test_study_preset_fills_the_comparison_recipe_and_refuses_data_path():
+@pytest.mark.parametrize(("preset", "values"), [("study", STUDY_PRESET), ("long", LONG_PRESET)])
+def test_named_presets_fill_their_recipe_and_refuse_data_path(preset, values):
     parser = get_args_parser()
-    args, chosen = resolve_args(parser.parse_args(["--preset", "study", "--lr", "0.003"]))
+    args, chosen = resolve_args(parser.parse_args(["--preset", preset, "--lr", "0.003"]))
     assert args.lr == 0.003 and "lr" not in chosen
-    for name, value in STUDY_PRESET.items():
+    for name, value in values.items():
         if name != "lr":
             assert getattr(args, name) == value == chosen[name]
-    assert STUDY_PRESET != EMBEDDED_PRESET
-    with pytest.raises(ValueError, match="--preset study"):
-        resolve_args(parser.parse_args(["--preset", "study", "--data_path", "/x"]))
+    assert values != EMBEDDED_PRESET
+    with pytest.raises(ValueError, match=f"--preset {preset}"):
+        resolve_args(parser.parse_args(["--preset", preset, "--data_path", "/x"]))
+
+
+def test_long_preset_probes_the_published_knn_split():
+    """The long run's online curve must end on eval/knn.py's own 10,000 / 2,000 split."""
+    args, _ = resolve_args(get_args_parser().parse_args(["--preset", "long"]))
+    probe = build_knn_probe(args)
+    knn = knn_args_parser().parse_args([])
+    splits = classification_splits(None, None, None, knn.train_subset, knn.test_subset)
+    bank, queries = probe.splits["bank"], probe.splits["queries"]
+    eval_bank = splits.train.dataset.indices[np.asarray(splits.train.indices)]
+    assert len(bank) == len(eval_bank) == 10000 and len(queries) == len(splits.test) == 2000
+    assert np.array_equal(bank.indices, eval_bank)
+    assert np.array_equal(queries.indices, splits.test.indices)
+    assert queries.targets == splits.test.targets and bank.targets == splits.train.targets
+    assert "overlaps the pretraining subset" in probe.description
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,26 @@ EMBEDDED_PRESET: dict[str, Any] = {
 # without its locality figures.
 STUDY_PRESET: dict[str, Any] = {**EMBEDDED_PRESET, "vis_freq": 0}
 
-PRESETS: dict[str, dict[str, Any]] = {"main": EMBEDDED_PRESET, "study": STUDY_PRESET}
+# `--preset long`: what more time and data buy. Round 3's base recipe (run lt_d28k in
+# docs/sweep/round3/README.md: the main job's recipe on many distinct images) on the whole
+# train split for 7 epochs, about 420,000 image views or two hours of locatvit_t on 2 CPU
+# cores, the lr warm-up kept at 10% of the run; the online probe is eval/knn.py's 10,000 /
+# 2,000 split, so its curve ends where the published evaluation starts (docs/long_run/).
+LONG_PRESET: dict[str, Any] = {
+    **EMBEDDED_PRESET,
+    "subset": 0,
+    "epochs": 7,
+    "warmup_epochs": 0.7,
+    "vis_freq": 1,
+    "knn_train_images": 10000,
+    "knn_test_images": 2000,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "main": EMBEDDED_PRESET,
+    "study": STUDY_PRESET,
+    "long": LONG_PRESET,
+}
 
 
 def _preset_help(name: str, text: str) -> str:
@@ -260,8 +279,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default="main",
-        help="which CPU preset fills unset flags without --data_path: main (the README job) "
-        "or study (the vit_t / locatvit_t comparison of launch/study.py) (default: main)",
+        help="which CPU preset fills unset flags without --data_path: main (the README job), "
+        "study (the vit_t / locatvit_t comparison of launch/study.py) or long (about two "
+        "hours of locatvit_t on the whole train split) (default: main)",
     )
     misc.add_argument(
         "--skip_corrupt", action="store_true", help="skip (and count) unreadable images"

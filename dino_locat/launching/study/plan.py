@@ -25,6 +25,7 @@ from dino_locat.training import get_args_parser as training_args_parser
 from dino_locat.training import main as train_main
 from dino_locat.training.args import resolve_args
 from dino_locat.training.loop import save_untrained
+from dino_locat.training.online_knn import FASHION_MNIST_TRAIN
 
 DEFAULT_ARCHS = ("vit_t", "locatvit_t")
 # Study flags that replace training flags of the same name.
@@ -77,9 +78,12 @@ class Budget:
 # evaluators from `python tests/benchmarks/bench_study_pieces.py --fraction 0.1` (CPU seconds
 # on a tenth of each set, extrapolated linearly; the full k-NN piece measured 88.5 CPU s
 # against 84 extrapolated; quiet wall ~0.85 x CPU, as torch keeps barely one core busy on
-# these small models), a Python start-up of ~8 s per job included; training from the preset's
-# 4-6 minutes per run. `default` adds up to about 51 minutes (2 archs x 2 seeds, 25
-# evaluations), so a machine loaded up to twice over still finishes within 2 hours.
+# these small models), a Python start-up of ~8 s per job included; training from round 3 of
+# the sweep (docs/sweep/round3/README.md), whose 57,000-view runs took 14-19 minutes. The
+# default study trains where DINO learns on 2 cores: round 3's base recipe on 28,500
+# distinct images x 4 epochs (114,000 image views, warm-up 10%), about 32 minutes per run,
+# so `default` adds up to about 2.5 hours (2 archs x 2 seeds, 25 evaluations), two of them
+# training.
 _SMALL_LINEAR = ["--epochs", "10", "--lrs", "0.001", "0.01", "0.1"]
 BUDGETS: dict[str, Budget] = {
     "small": Budget(
@@ -99,7 +103,7 @@ BUDGETS: dict[str, Budget] = {
     ),
     "default": Budget(
         seeds=(0, 1),
-        train={},
+        train={"subset": 28500, "epochs": 4, "warmup_epochs": 0.4},
         evals={
             "knn": ["--train_subset", "10000", "--test_subset", "2000", "--num_workers", "1"],
             "linear": ["--train_subset", "10000", "--test_subset", "2000", "--num_workers",
@@ -109,12 +113,12 @@ BUDGETS: dict[str, Budget] = {
             "hummingbird": ["--train_scenes", "1000", "--test_scenes", "250", "--num_workers",
                             "1"],
         },
-        seconds={"train": 330, "untrained": 15, "knn": 80, "raw_pixels": 15, "linear": 90,
+        seconds={"train": 1920, "untrained": 15, "knn": 80, "raw_pixels": 15, "linear": 90,
                  "segmentation": 75, "hummingbird": 40},
     ),
     "large": Budget(
         seeds=(0, 1, 2),
-        train={"epochs": 12, "depth": 12, "patch_size": 4},
+        train={"subset": 0, "epochs": 12, "warmup_epochs": 1.2, "depth": 12, "patch_size": 4},
         evals={
             "knn": ["--train_subset", "0", "--test_subset", "0"],
             "linear": ["--train_subset", "0", "--test_subset", "0"],
@@ -122,8 +126,8 @@ BUDGETS: dict[str, Budget] = {
                              "1000"],
             "hummingbird": ["--train_scenes", "4000", "--test_scenes", "1000"],
         },
-        # default's seconds x 4 (patch 4: 4x the tokens) x the data (and epochs) ratios
-        seconds={"train": 330 * 4 * 3, "untrained": 15, "knn": 80 * 4 * 6,
+        # default's seconds x 4 (patch 4: 4x the tokens) x the image-view (data) ratios
+        seconds={"train": 1920 * 4 * 720000 // 114000, "untrained": 15, "knn": 80 * 4 * 6,
                  "raw_pixels": 15 * 6, "linear": 90 * 4 * 6, "segmentation": 75 * 4 * 4,
                  "hummingbird": 40 * 4 * 4},
     ),
@@ -219,10 +223,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--budget",
         choices=sorted(BUDGETS),
         default="default",
-        help="size on the embedded data: small (~12 min on a quiet 2-core CPU), default "
-        "(~51 min quiet, within 2 h on a busy one), large (12 epochs, depth 12, patch 4, 3 "
-        "seeds, full evaluation sets: for a GPU or a long night); flags you pass win "
-        "(default: %(default)s)",
+        help="size on the embedded data: small (~12 min on a quiet 2-core CPU: a smoke "
+        "test, no learning), default (~2.5 h quiet: 114,000 image views per run, where DINO "
+        "learns), large (the whole train split x 12 epochs, patch 4, 3 seeds, full "
+        "evaluation sets: for a GPU); flags you pass win (default: %(default)s)",
     )
     study.add_argument("--output_dir", default="output/study", help="(default: %(default)s)")
     add_eval_flags(study, default=list(EVALUATORS))
@@ -383,7 +387,7 @@ def _budget_run(arch: str, budget: Budget) -> argparse.Namespace:
 
 
 def _images_seen(args: argparse.Namespace) -> float:
-    return float(args.epochs * (args.subset or 1))
+    return float(args.epochs * (args.subset or FASHION_MNIST_TRAIN))
 
 
 def minutes(seconds: float | None) -> str:
