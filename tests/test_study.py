@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from dino_locat.checkpoint import checkpoint_args, load_checkpoint
 from dino_locat.evaluation import knn
 from dino_locat.evaluation.options import EvaluationInputError
 from dino_locat.launching.study import METRICS, get_args_parser, plan_study, read_results, render
+from dino_locat.launching.study.report import POWER_FACTOR, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("vit_t", "locatvit_t")
@@ -234,6 +236,33 @@ def test_plan_is_identical_but_for_the_backbone_and_sized_by_the_budget(tmp_path
     mine = get_args_parser().parse_args(["--output_dir", str(tmp_path), "--budget", "small",
                                          "--depth", "3", "--seeds", "5"])  # fmt: skip
     assert {(p.args.depth, p.seed) for p in plan_study(mine) if p.kind == "train"} == {(3, 5)}
+
+
+def test_long_budget_trains_the_long_preset_once(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--budget", "long", "--archs", "locatvit_t"]
+    pieces = plan_study(get_args_parser().parse_args(argv))
+    (train,) = [p for p in pieces if p.kind == "train"]
+    assert (train.arch, train.seed, train.args.preset) == ("locatvit_t", 0, "long")
+    assert (train.args.subset, train.args.epochs, train.args.knn_train_images) == (0, 7, 10000)
+    assert {p.kind for p in pieces} == {"train", "untrained", "eval"}
+    assert 110 <= sum(p.estimate_s for p in pieces) / 60 <= 150
+
+
+@pytest.mark.parametrize(
+    ("first", "other", "expected"),
+    [
+        ([60.0, 61.0], [70.0, 71.0], ("better", None)),  # separated, gap 10 > 2 x 0.71
+        ([70.0, 71.0], [60.0, 61.0], ("worse", None)),
+        # separated, but the gap (4) is under twice the spread (2 x 2.12): a tie
+        ([60.0, 63.0], [64.0, 67.0], ("tie", math.ceil(2 * POWER_FACTOR * 4.5 / 16))),
+        # gap (7.15) over twice the spread (2 x 1.58), but seeds overlap (5 > 4.5): a tie,
+        # and more seeds than the ten we have would be needed
+        ([0.0] * 9 + [5.0], [4.5] + [8.0] * 9, ("tie", 11)),
+        ([60.0], [70.0], ("no spread (one seed)", None)),
+    ],
+)
+def test_verdict_calls_a_difference_only_when_the_seeds_separate_clearly(first, other, expected):
+    assert verdict(first, other) == expected
 
 
 def test_rerun_with_other_training_flags_is_refused(study):

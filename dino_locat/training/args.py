@@ -83,7 +83,8 @@ STUDY_PRESET: dict[str, Any] = {**EMBEDDED_PRESET, "vis_freq": 0}
 # docs/sweep/round3/README.md: the main job's recipe on many distinct images) on the whole
 # train split for 7 epochs, about 420,000 image views or two hours of locatvit_t on 2 CPU
 # cores, the lr warm-up kept at 10% of the run; the online probe is eval/knn.py's 10,000 /
-# 2,000 split, so its curve ends where the published evaluation starts (docs/long_run/).
+# 2,000 split, so its curve ends where the published evaluation starts. Run with its
+# evaluators and baselines: `python launch/study.py --budget long --archs locatvit_t`.
 LONG_PRESET: dict[str, Any] = {
     **EMBEDDED_PRESET,
     "subset": 0,

@@ -72,6 +72,7 @@ class Budget:
     train: dict[str, Any]
     evals: dict[str, list[str]]
     seconds: dict[str, float]
+    preset: str = "study"  # the training preset (dino_locat/training/args.py) under train
 
 
 # The one place that sizes the study. Seconds per piece on a quiet 2-core CPU machine:
@@ -85,6 +86,13 @@ class Budget:
 # so `default` adds up to about 2.5 hours (2 archs x 2 seeds, 25 evaluations), two of them
 # training.
 _SMALL_LINEAR = ["--epochs", "10", "--lrs", "0.001", "0.01", "0.1"]
+_DEFAULT_EVALS = {
+    "knn": ["--train_subset", "10000", "--test_subset", "2000", "--num_workers", "1"],
+    "linear": ["--train_subset", "10000", "--test_subset", "2000", "--num_workers", "1"],
+    "segmentation": ["--protocol", "fast", "--train_scenes", "1000", "--test_scenes", "250",
+                     "--num_workers", "1"],
+    "hummingbird": ["--train_scenes", "1000", "--test_scenes", "250", "--num_workers", "1"],
+}  # fmt: skip
 BUDGETS: dict[str, Budget] = {
     "small": Budget(
         seeds=(0, 1),
@@ -104,17 +112,19 @@ BUDGETS: dict[str, Budget] = {
     "default": Budget(
         seeds=(0, 1),
         train={"subset": 28500, "epochs": 4, "warmup_epochs": 0.4},
-        evals={
-            "knn": ["--train_subset", "10000", "--test_subset", "2000", "--num_workers", "1"],
-            "linear": ["--train_subset", "10000", "--test_subset", "2000", "--num_workers",
-                       "1"],
-            "segmentation": ["--protocol", "fast", "--train_scenes", "1000", "--test_scenes",
-                             "250", "--num_workers", "1"],
-            "hummingbird": ["--train_scenes", "1000", "--test_scenes", "250", "--num_workers",
-                            "1"],
-        },
+        evals=_DEFAULT_EVALS,
         seconds={"train": 1920, "untrained": 15, "knn": 80, "raw_pixels": 15, "linear": 90,
                  "segmentation": 75, "hummingbird": 40},
+    ),
+    # `--preset long` (about two hours of locatvit_t) with the default study's evaluators:
+    # `--budget long --archs locatvit_t` is the command of the published long run.
+    "long": Budget(
+        seeds=(0,),
+        train={},
+        evals=_DEFAULT_EVALS,
+        seconds={"train": 7200, "untrained": 15, "knn": 80, "raw_pixels": 15, "linear": 90,
+                 "segmentation": 75, "hummingbird": 40},
+        preset="long",
     ),
     "large": Budget(
         seeds=(0, 1, 2),
@@ -225,8 +235,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="default",
         help="size on the embedded data: small (~12 min on a quiet 2-core CPU: a smoke "
         "test, no learning), default (~2.5 h quiet: 114,000 image views per run, where DINO "
-        "learns), large (the whole train split x 12 epochs, patch 4, 3 seeds, full "
-        "evaluation sets: for a GPU); flags you pass win (default: %(default)s)",
+        "learns), long (--preset long, about 2 h per run, seed 0), large (the whole train "
+        "split x 12 epochs, patch 4, 3 seeds, full evaluation sets: for a GPU); flags you "
+        "pass win (default: %(default)s)",
     )
     study.add_argument("--output_dir", default="output/study", help="(default: %(default)s)")
     add_eval_flags(study, default=list(EVALUATORS))
@@ -281,7 +292,7 @@ def plan_study(args: argparse.Namespace) -> list[Piece]:
             if base.get(name) is None:
                 base[name] = value
     eval_flags = _eval_flags(args, budget)
-    preset = "main" if args.data_path else "study"
+    preset = "main" if args.data_path else budget.preset
 
     def train_args(arch: str, seed: int, folder: Path) -> argparse.Namespace:
         flags = {**base, "arch": arch, "seed": seed, "output_dir": str(folder)}
@@ -380,10 +391,11 @@ def plan_study(args: argparse.Namespace) -> list[Piece]:
 
 
 def _budget_run(arch: str, budget: Budget) -> argparse.Namespace:
-    """The training the budget's seconds were measured on: the study preset + its flags."""
+    """The training the budget's seconds were measured on: its preset + its flags."""
     parser = training_args_parser(add_help=False)
     flags = [f"--{k}={v}" for k, v in budget.train.items()]
-    return resolve_args(parser.parse_args(["--arch", arch, "--preset", "study", *flags]))[0]
+    argv = ["--arch", arch, "--preset", budget.preset, *flags]
+    return resolve_args(parser.parse_args(argv))[0]
 
 
 def _images_seen(args: argparse.Namespace) -> float:

@@ -95,9 +95,42 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+TIE_RULE = (
+    "better or worse only when every seed of one arch lies beyond every seed of the other "
+    "and the gap between the means exceeds twice the larger spread (sample std over seeds); "
+    "otherwise a tie, with the seeds per arch that would resolve a gap of that size (80% "
+    "power at the 5% level, two-sided, from the larger spread)"
+)
+# (z_0.975 + z_0.8)^2: the two-sample sample size for a gap of d with spread s is
+# 2 * POWER_FACTOR * s^2 / d^2 seeds per arch.
+POWER_FACTOR = (1.959964 + 0.841621) ** 2
+
+
+def verdict(first: list[float], other: list[float]) -> tuple[str, int | None]:
+    """How ``other``'s seeds compare with ``first``'s under :data:`TIE_RULE`, and for a tie
+    the seeds per arch that would settle it (None when no estimate can be made).
+
+    Two seeds give a spread that is itself noisy, hence the demand for both a clean
+    separation and a gap of twice the spread before a difference is called.
+    """
+    spreads = [s for s in (_mean_std(first)[1], _mean_std(other)[1]) if s is not None]
+    if not spreads:
+        return "no spread (one seed)", None
+    gap = _mean_std(other)[0] - _mean_std(first)[0]
+    spread = max(spreads)
+    if gap > 2 * spread and min(other) > max(first):
+        return "better", None
+    if -gap > 2 * spread and max(other) < min(first):
+        return "worse", None
+    if gap == 0:
+        return "tie", None
+    needed = math.ceil(2 * POWER_FACTOR * spread**2 / gap**2)
+    return "tie", max(needed, max(len(first), len(other)) + 1)
+
+
 def summarize(records: list[dict[str, Any]], archs: list[str]) -> list[dict[str, Any]]:
     """Per metric and arch: mean, spread (sample std over seeds), the untrained value; and
-    each arch's difference to the first, called a tie when within the larger spread."""
+    each arch's difference to the first with its :func:`verdict`."""
     rows = []
     for metric, (_, _, label) in METRICS.items():
 
@@ -130,16 +163,7 @@ def summarize(records: list[dict[str, Any]], archs: list[str]) -> list[dict[str,
             if entry["mean"] is None or first["mean"] is None:
                 continue
             entry["difference"] = entry["mean"] - first["mean"]
-            spreads = [s for s in (entry["std"], first["std"]) if s is not None]
-            entry["verdict"] = (
-                "no spread (one seed)"
-                if not spreads
-                else "tie"
-                if abs(entry["difference"]) <= max(spreads)
-                else "better"
-                if entry["difference"] > 0
-                else "worse"
-            )
+            entry["verdict"], entry["seeds_to_settle"] = verdict(first["values"], entry["values"])
         pixels = values("raw_pixels", None)
         rows.append(
             {
@@ -176,7 +200,9 @@ def format_table(rows: list[dict[str, Any]], archs: list[str]) -> str:
         for arch in archs[1:]:
             entry = row["archs"][arch]
             diff = entry.get("difference")
-            cells.append("-" if diff is None else f"{diff:+.2f} ({entry['verdict']})")
+            settle = entry.get("seeds_to_settle")
+            call = entry["verdict"] + (f"; ~{settle} seeds per arch to settle" if settle else "")
+            cells.append("-" if diff is None else f"{diff:+.2f} ({call})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -282,8 +308,7 @@ def report(args: argparse.Namespace, pieces: list[Piece], failed: list[str]) -> 
         "budget": args.budget,
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "code_version": code_version(),
-        "tie_rule": "a difference no larger than the larger spread (sample std over seeds) "
-        "of the two archs is a tie",
+        "tie_rule": TIE_RULE,
         "summary": summarize(records, args.archs),
         "records": records,
         "runs": runs,
