@@ -31,7 +31,13 @@ from dino_locat.training.signals import (
     diagnose,
     teacher_entropies,
 )
-from dino_locat.visualization.knn_curves import read_run, write_curves
+from dino_locat.visualization.knn_curves import (
+    RunCurve,
+    markdown_table,
+    read_run,
+    seed_groups,
+    write_curves,
+)
 
 K, BATCH, NCROPS = 64, 32, 4
 
@@ -189,6 +195,10 @@ def test_online_knn_curve_in_console_log_tensorboard_and_checkpoint(tmp_path):
     row = json.loads(paths["json"].read_text())["runs"][0]
     assert row["teacher"] == history[-1]["teacher_top1"] and row["steps"] == 32
     assert row["untrained"] == history[0]["teacher_top1"]
+    entropy = events.Scalars("signals/teacher_entropy")[-1].value
+    ln_k = math.log(read_run(tmp_path / "run").args["out_dim"])
+    assert row["end_entropy_over_lnK"] == pytest.approx(entropy / ln_k)
+    assert row["end_prototypes_in_use"] == events.Scalars("signals/prototypes_in_use")[-1].value
     assert "| run |" in paths["table"].read_text()
     with Image.open(paths["figure"]) as image:
         assert image.size == (1200, 520)
@@ -220,3 +230,27 @@ def test_a_run_with_a_near_zero_teacher_temperature_prints_the_collapse_alarm(tm
         momentum_teacher=0.0,
     )
     assert "WARNING [collapse alarm] the teacher has collapsed onto" in stdout
+
+
+def curve(name: str, seed: int, teacher: float, lr: float = 0.01) -> RunCurve:
+    """A run's k-NN history as training stores it: untrained 50, then ``teacher``."""
+    history = [
+        {"epoch": e, "step": 10 * e, "train_time_s": 60.0 * e, "knn_time_s": 1.0,
+         "teacher_top1": t, "student_top1": t - 1 if e else t}
+        for e, t in ((0, 50.0), (1, teacher))
+    ]  # fmt: skip
+    return RunCurve(name, {"arch": "vit_t", "lr": lr, "seed": seed, "out_dim": 256}, history, 80.0)
+
+
+def test_runs_that_differ_only_in_seed_are_pooled_with_their_spread():
+    runs = [curve("a0", 0, 60.0), curve("b0", 0, 70.0, lr=0.003), curve("a1", 1, 64.0)]
+    (group,) = seed_groups(runs)  # b0 has no second seed: left out
+    assert group["runs"] == ["a0", "a1"] and group["seeds"] == [0, 1]
+    gain = group["teacher_gain"]
+    assert gain["values"] == [10.0, 14.0] and gain["mean"] == 12.0
+    assert gain["std"] == pytest.approx(math.sqrt(8.0))
+    assert group["student"]["mean"] == 61.0
+    table = markdown_table(runs)
+    assert "| a0, a1 | 0, 1 | 50.0 ± 0.0 (50.0, 50.0) | 62.0 ± 2.8 (60.0, 64.0) |" in table
+    assert "b0" not in table.split("Across seeds")[1]
+    assert "Across seeds" not in markdown_table(runs[:2])

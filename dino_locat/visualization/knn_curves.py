@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dino_locat.checkpoint import checkpoint_args, load_checkpoint
 from dino_locat.files import atomic_write
+from dino_locat.seeds import mean_std
 from dino_locat.training.resume import LEGACY_VALUES
 from dino_locat.visualization.figures import new_figure, save_png
 from dino_locat.visualization.trends import event_dirs
@@ -86,10 +87,17 @@ class RunCurve:
     def final(self) -> dict[str, Any]:
         return self.history[-1]
 
+    def last_signal(self, tag: str) -> float | None:
+        """The last logged value of a learning signal, or None without one."""
+        points = (self.signals or {}).get(tag)
+        return float(points[-1][1]) if points else None
+
     def summary(self) -> dict[str, Any]:
-        """One row: where the run started and ended, and its best teacher point."""
+        """One row: where the run started and ended, its best teacher point, and the state
+        of its teacher at the last logged step (entropy over ln K, prototypes in use)."""
         best = max(self.history, key=lambda h: h["teacher_top1"])
         steps = self.final["step"]
+        entropy = self.last_signal("signals/teacher_entropy")
         return {
             "run": self.name,
             "epochs_done": self.final["epoch"],
@@ -104,6 +112,10 @@ class RunCurve:
             "best_teacher_epoch": best["epoch"],
             "raw_pixels": self.raw_pixels,
             "knn_seconds_per_eval": sum(h["knn_time_s"] for h in self.history) / len(self.history),
+            "end_entropy_over_lnK": (
+                None if entropy is None else entropy / math.log(float(self.args["out_dim"]))
+            ),
+            "end_prototypes_in_use": self.last_signal("signals/prototypes_in_use"),
         }
 
 
@@ -143,23 +155,57 @@ def differing_flags(runs: Sequence[RunCurve]) -> dict[str, dict[str, Any]]:
     return {run.name: {flag: run.args.get(flag) for flag in varying} for run in runs}
 
 
+SEED_METRICS = ("untrained", "teacher", "student", "teacher_gain", "student_gain")
+
+
+def seed_groups(runs: Sequence[RunCurve]) -> list[dict[str, Any]]:
+    """Runs whose sweep flags agree in everything but ``seed``, pooled: per metric the mean,
+    sample std and values over their seeds (groups of one run are left out)."""
+    groups: dict[str, list[RunCurve]] = {}
+    for run in runs:
+        recipe = {flag: run.args.get(flag) for flag in SWEEP_FLAGS if flag != "seed"}
+        groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(run)
+    pooled = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        rows = [member.summary() for member in members]
+        entry: dict[str, Any] = {
+            "runs": [member.name for member in members],
+            "seeds": [member.args.get("seed") for member in members],
+        }
+        for metric in SEED_METRICS:
+            values = [row[metric] for row in rows]
+            mean, std = mean_std(values)
+            entry[metric] = {"mean": mean, "std": std, "values": values}
+        pooled.append(entry)
+    return pooled
+
+
+def _optional(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def markdown_table(runs: Sequence[RunCurve]) -> str:
-    """A markdown table, one row per run, plus the flags shared by all runs."""
+    """A markdown table, one row per run, the flags shared by all runs, and the runs that
+    differ only in their seed pooled into mean ± sample std."""
     flags = differing_flags(runs)
     header = (
         "| run | flags (differing) | steps | train min | untrained | teacher | student | "
-        "teacher gain | best teacher (epoch) | raw pixels |"
+        "teacher gain | best teacher (epoch) | raw pixels | teacher entropy / ln K (end) | "
+        "prototypes in use (end) |"
     )
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * 12]
     for run in runs:
         row = run.summary()
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in flags[run.name].items())
-        raw = "-" if row["raw_pixels"] is None else f"{row['raw_pixels']:.1f}"
         lines.append(
             f"| {run.name} | {shown} | {row['steps']} | {row['train_minutes']:.1f} | "
             f"{row['untrained']:.1f} | {row['teacher']:.1f} | {row['student']:.1f} | "
             f"{row['teacher_gain']:+.1f} | {row['best_teacher']:.1f} ({row['best_teacher_epoch']})"
-            f" | {raw} |"
+            f" | {_optional(row['raw_pixels'], '.1f')} | "
+            f"{_optional(row['end_entropy_over_lnK'], '.2f')} | "
+            f"{_optional(row['end_prototypes_in_use'], '.1f')} |"
         )
     shared = {
         flag: runs[0].args.get(flag)
@@ -168,6 +214,22 @@ def markdown_table(runs: Sequence[RunCurve]) -> str:
     }
     lines.append("")
     lines.append("Shared by all runs: " + " ".join(f"{k}={_fmt(v)}" for k, v in shared.items()))
+    pooled = seed_groups(runs)
+    if pooled:
+        lines += [
+            "",
+            "Across seeds (runs identical but for --seed; mean ± sample std, then each seed):",
+            "",
+            "| runs | seeds | untrained | teacher | student | teacher gain |",
+            "|---|---|---|---|---|---|",
+        ]
+        for group in pooled:
+            cells = [", ".join(group["runs"]), ", ".join(str(s) for s in group["seeds"])]
+            for metric in ("untrained", "teacher", "student", "teacher_gain"):
+                stats = group[metric]
+                each = ", ".join(f"{v:.1f}" for v in stats["values"])
+                cells.append(f"{stats['mean']:.1f} ± {stats['std']:.1f} ({each})")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -243,7 +305,10 @@ def write_curves(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
-    data = {"runs": [{**run.summary(), "flags": run.args, "history": run.history} for run in runs]}
+    data = {
+        "runs": [{**run.summary(), "flags": run.args, "history": run.history} for run in runs],
+        "seed_groups": seed_groups(runs),
+    }
     paths = {"table": out / "knn_curves.md", "json": out / "knn_curves.json"}
     for key, text in (("table", table + "\n"), ("json", json.dumps(data, indent=1) + "\n")):
         atomic_write(paths[key], lambda handle, text=text: handle.write(text.encode()))

@@ -23,6 +23,7 @@ from dino_locat.checkpoint import checkpoint_args, load_checkpoint
 from dino_locat.evaluation.report import write_json_atomic
 from dino_locat.files import atomic_write
 from dino_locat.launching.study.plan import Piece, study_relative
+from dino_locat.seeds import mean_std
 from dino_locat.visualization.study import MetricPanel, OnlineCurve, study_figure
 from dino_locat.visualization.trends import trends_from_tensorboard
 
@@ -88,13 +89,6 @@ def collect(pieces: list[Piece]) -> list[dict[str, Any]]:
     return records
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 TIE_RULE = (
     "better or worse only when every seed of one arch lies beyond every seed of the other "
     "and the gap between the means exceeds twice the larger spread (sample std over seeds); "
@@ -113,10 +107,10 @@ def verdict(first: list[float], other: list[float]) -> tuple[str, int | None]:
     Two seeds give a spread that is itself noisy, hence the demand for both a clean
     separation and a gap of twice the spread before a difference is called.
     """
-    spreads = [s for s in (_mean_std(first)[1], _mean_std(other)[1]) if s is not None]
+    spreads = [s for s in (mean_std(first)[1], mean_std(other)[1]) if s is not None]
     if not spreads:
         return "no spread (one seed)", None
-    gap = _mean_std(other)[0] - _mean_std(first)[0]
+    gap = mean_std(other)[0] - mean_std(first)[0]
     spread = max(spreads)
     if gap > 2 * spread and min(other) > max(first):
         return "better", None
@@ -147,7 +141,7 @@ def summarize(records: list[dict[str, Any]], archs: list[str]) -> list[dict[str,
         for arch in archs:
             trained = values("trained", arch)
             untrained = values("untrained", arch)
-            mean, std = _mean_std(trained) if trained else (None, None)
+            mean, std = mean_std(trained) if trained else (None, None)
             per_arch[arch] = {
                 "seeds": len(trained),
                 "mean": mean,
