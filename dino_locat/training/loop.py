@@ -70,10 +70,10 @@ from dino_locat.training.signals import (
 
 CHECKPOINT = "checkpoint.pth"
 VIS_IMAGES = 4
-# Where the main job points its user next: its 256 steps on 2,048 images end before DINO
-# learns on this data; these runs had the time and the images.
+# Where the main job points its user next: its 256 steps end before DINO learns on this
+# data; these runs had 7 times the image views, with schedules scaled to them.
 LONGER_RUNS = (
-    "this preset ends before DINO learns on this data; what more images and time buy: "
+    "this preset ends before DINO learns on this data; what more training buys: "
     "docs/sweep/round3/README.md"
 )
 
