@@ -35,6 +35,7 @@ from dino_locat.visualization.knn_curves import (
     RunCurve,
     markdown_table,
     read_run,
+    run_styles,
     seed_groups,
     write_curves,
 )
@@ -254,3 +255,11 @@ def test_runs_that_differ_only_in_seed_are_pooled_with_their_spread():
     assert "| a0, a1 | 0, 1 | 50.0 ± 0.0 (50.0, 50.0) | 62.0 ± 2.8 (60.0, 64.0) |" in table
     assert "b0" not in table.split("Across seeds")[1]
     assert "Across seeds" not in markdown_table(runs[:2])
+
+
+@pytest.mark.parametrize("count", [3, 14, 45])
+def test_every_run_of_a_figure_gets_its_own_colour_and_line_style(count):
+    styles = run_styles(count)
+    assert len({(style["color"], style["linestyle"]) for style in styles}) == count
+    if count <= 10:
+        assert all(style["linestyle"] == "-" for style in styles)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -255,6 +256,18 @@ def _finish(
     return save_png(fig, path)
 
 
+def run_styles(count: int) -> list[dict[str, Any]]:
+    """A colour and line style per run that no other run of the figure shares: matplotlib's
+    10-colour cycle repeats from the 11th run on, which made sweeps of more runs unreadable."""
+    palette = colormaps["tab10" if count <= 10 else "tab20"]
+    size = len(palette.colors)
+    dashes = ("-", "--", ":", "-.")
+    return [
+        {"color": palette.colors[i % size], "linestyle": dashes[i // size % len(dashes)]}
+        for i in range(count)
+    ]
+
+
 def plot_knn_curves(runs: Sequence[RunCurve], path: str | os.PathLike, title: str = "") -> Path:
     """Teacher (left) and student (right) 20-NN top-1 against training minutes; each
     panel marks the raw-pixel baseline (dashed) and starts at the untrained network."""
@@ -263,9 +276,11 @@ def plot_knn_curves(runs: Sequence[RunCurve], path: str | os.PathLike, title: st
     for ax, key, label in zip(
         axes, ("teacher_top1", "student_top1"), ("teacher", "student"), strict=True
     ):
-        for run in runs:
+        for run, style in zip(runs, run_styles(len(runs)), strict=True):
             minutes = [h["train_time_s"] / 60 for h in run.history]
-            ax.plot(minutes, [h[key] for h in run.history], marker="o", ms=3, label=run.name)
+            ax.plot(
+                minutes, [h[key] for h in run.history], marker="o", ms=3, label=run.name, **style
+            )
         pixels = [run.raw_pixels for run in runs if run.raw_pixels is not None]
         if pixels:
             ax.axhline(pixels[0], color="black", ls="--", lw=1, label="raw pixels")
@@ -282,14 +297,14 @@ def plot_signal_curves(runs: Sequence[RunCurve], path: str | os.PathLike, title:
     fig = new_figure(1500, 460)
     axes = fig.subplots(1, len(SIGNAL_PANELS))
     for ax, (tag, label, scale) in zip(axes, SIGNAL_PANELS, strict=True):
-        for run in runs:
+        for run, style in zip(runs, run_styles(len(runs)), strict=True):
             points = (run.signals or {}).get(tag)
             if not points:
                 continue
             k = float(run.args["out_dim"])
             divisor = math.log(k) if scale == "lnK" else k
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, [v / divisor for v in values], lw=1.2, label=run.name)
+            ax.plot(steps, [v / divisor for v in values], lw=1.2, label=run.name, **style)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
