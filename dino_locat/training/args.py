@@ -79,8 +79,8 @@ EMBEDDED_PRESET: dict[str, Any] = {
 # without its locality figures.
 STUDY_PRESET: dict[str, Any] = {**EMBEDDED_PRESET, "vis_freq": 0}
 
-# `--preset long`: what more time and data buy. Round 3's base recipe (run lt_d28k in
-# docs/sweep/round3/README.md: the main job's recipe on many distinct images) on the whole
+# `--preset long`: what more training buys. Round 3's base recipe (run lt_d28k in
+# docs/sweep/round3/README.md: the main job's recipe, schedules scaled to the run) on the whole
 # train split for 7 epochs, about 420,000 image views or two hours of locatvit_t on 2 CPU
 # cores, the lr warm-up kept at 10% of the run; the online probe is eval/knn.py's 10,000 /
 # 2,000 split, so its curve ends where the published evaluation starts. Run with its

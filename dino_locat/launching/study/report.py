@@ -107,10 +107,11 @@ def verdict(first: list[float], other: list[float]) -> tuple[str, int | None]:
     Two seeds give a spread that is itself noisy, hence the demand for both a clean
     separation and a gap of twice the spread before a difference is called.
     """
-    spreads = [s for s in (mean_std(first)[1], mean_std(other)[1]) if s is not None]
+    (first_mean, first_std), (other_mean, other_std) = mean_std(first), mean_std(other)
+    spreads = [s for s in (first_std, other_std) if s is not None]
     if not spreads:
         return "no spread (one seed)", None
-    gap = mean_std(other)[0] - mean_std(first)[0]
+    gap = other_mean - first_mean
     spread = max(spreads)
     if gap > 2 * spread and min(other) > max(first):
         return "better", None
