@@ -1,4 +1,5 @@
-"""load_pretrained_backbone: every accepted checkpoint layout, and clear errors for bad flags."""
+"""load_pretrained_backbone: every accepted checkpoint layout, and clear errors for bad flags;
+the raw-pixel baseline in a backbone's shape."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from dino_locat.checkpoint import (
     plain_args,
     save_checkpoint,
 )
+from dino_locat.evaluation.backbone import RawPixels, frozen_backbone
+from dino_locat.evaluation.options import EvaluationInputError
 from dino_locat.models import build_backbone
 
 
@@ -149,3 +152,41 @@ def test_dino_trained_checkpoints_get_dinos_pos_embed_rule_unless_forced(tmp_pat
     torch.testing.assert_close(outputs["dino", "timm"], outputs["ours", "auto"])
     torch.testing.assert_close(outputs["ours", "dino"], outputs["dino", "auto"])
     assert not torch.allclose(outputs["dino", "auto"], outputs["ours", "auto"], atol=1e-4)
+
+
+def test_raw_pixels_are_patch_tokens_with_their_mean_as_cls():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    tokens, grid = RawPixels(4).get_patch_tokens(images)
+    assert grid == (2, 2) and tokens.shape == (2, 4, 3 * 4 * 4)
+    # token 1 = top-right patch, its values channel by channel, row by row
+    torch.testing.assert_close(tokens[1, 1], images[1, :, :4, 4:].reshape(-1))
+    (block,) = RawPixels(4).get_intermediate_layers(images)
+    torch.testing.assert_close(block[:, 0], tokens.mean(dim=1))
+    torch.testing.assert_close(block[:, 1:], tokens)
+    # one patch covering the image: the CLS is the flattened image
+    (whole,) = RawPixels(8).get_intermediate_layers(images)
+    torch.testing.assert_close(whole[:, 0], images.flatten(1))
+    with pytest.raises(EvaluationInputError, match="one block"):
+        RawPixels(4).get_intermediate_layers(images, 2)
+
+
+def test_raw_pixel_backbone_flags_are_checked():
+    def args(**flags):
+        base = {"raw_pixels": True, "pretrained_weights": None, "image_size": None,
+                "patch_size": None}  # fmt: skip
+        return argparse.Namespace(**{**base, **flags})
+
+    model, info = frozen_backbone(args(image_size=32, patch_size=8), torch.device("cpu"))
+    assert isinstance(model, RawPixels)
+    assert (info["arch"], info["depth"], info["embed_dim"], info["patch_size"]) == (
+        "raw_pixels", 1, 192, 8)  # fmt: skip
+    _, info = frozen_backbone(args(), torch.device("cpu"), image_size=16)  # the protocol's size
+    assert (info["image_size"], info["patch_size"], info["embed_dim"]) == (16, 16, 768)
+    with pytest.raises(EvaluationInputError, match="--raw_pixels needs --image_size"):
+        frozen_backbone(args(), torch.device("cpu"))
+    with pytest.raises(EvaluationInputError, match="--image_size 30 is not a multiple of"):
+        frozen_backbone(args(image_size=30, patch_size=8), torch.device("cpu"))
+    with pytest.raises(EvaluationInputError, match="exclude each other"):
+        frozen_backbone(args(image_size=32, pretrained_weights="x.pth"), torch.device("cpu"))
+    with pytest.raises(EvaluationInputError, match="give --pretrained_weights"):
+        frozen_backbone(args(raw_pixels=False), torch.device("cpu"))

@@ -286,3 +286,29 @@ def test_missing_inputs_are_clear_errors(tmp_path, bare_vit):
     )  # fmt: skip
     assert result.returncode != 0 and "matches no segmentation layout" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_raw_pixel_baselines_of_the_linear_and_dense_evaluators(three_class_folder, ade_folder):
+    out = three_class_folder.parent / "raw_linear"
+    run(
+        "eval/linear.py", "--raw_pixels", "--image_size", "32", "--data_path",
+        str(three_class_folder), "--epochs", "3", "--lrs", "0.1", "--output_dir", str(out),
+        "--num_workers", "0", "--batch_size_per_gpu", "8",
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert (results["arch"], results["checkpoint"], results["n_last_blocks"]) == (
+        "raw_pixels", None, [1])  # fmt: skip
+    assert results["headline"]["test_top1"] == 100.0  # the classes differ by colour alone
+    for script in ("eval/segmentation.py", "eval/hummingbird.py"):
+        out = ade_folder.parent / f"raw_{Path(script).stem}"
+        result = run(
+            script, "--raw_pixels", "--patch_size", "8", "--image_size", "32", "--data_path",
+            str(ade_folder), "--output_dir", str(out), "--num_workers", "0",
+            *(["--epochs", "3"] if "segmentation" in script else []),
+        )  # fmt: skip
+        assert "raw pixels (the baseline; nothing loaded), 8 x 8 pixel patches" in result.stdout
+        results = json.loads((out / "results.json").read_text())
+        assert results["arch"] == "raw_pixels" and 0 < results["mIoU"] <= 100
+    result = run("eval/linear.py", "--data_path", str(three_class_folder), expect_ok=False)
+    assert result.returncode != 0 and "give --pretrained_weights" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -82,7 +82,7 @@ def study(tmp_path_factory) -> dict:
     assert first.returncode == 130, interrupted[-3000:]
     checkpoint = out / "runs" / "vit_t_seed0" / "checkpoint.pth"
     before = fingerprint(checkpoint)
-    # Started again in-process (debug): each of its 20 jobs would otherwise pay a Python
+    # Started again in-process (debug): each of its 23 jobs would otherwise pay a Python
     # start-up with torch; what is skipped does not depend on the executor.
     second = subprocess.run(
         study_argv(out, "debug"), capture_output=True, text=True, cwd=REPO, timeout=600
@@ -113,7 +113,7 @@ def test_study_writes_results_figure_and_table(study):
     records = results["records"]
     networks = [(r["network"], r["arch"], r["evaluation"]) for r in records]
     evaluators = ("knn", "linear", "segmentation", "hummingbird")
-    expected = [("raw_pixels", None, "knn")]
+    expected = [("raw_pixels", None, e) for e in evaluators]
     expected += [(n, a, e) for n in ("untrained", "trained") for a in ARCHS for e in evaluators]
     assert sorted(networks, key=str) == sorted(expected, key=str)
     assert results["failed"] == [] and results["code_version"]
@@ -140,7 +140,7 @@ def test_study_writes_results_figure_and_table(study):
         assert entry["difference"] == pytest.approx(entry["mean"] - row["archs"]["vit_t"]["mean"])
         assert entry["verdict"] == "no spread (one seed)"
         assert row["archs"]["vit_t"]["untrained"] is not None
-    assert rows["knn_top1"]["raw_pixels"] is not None
+    assert all(row["raw_pixels"] is not None for row in rows.values())
     table = (out / "table.md").read_text().strip().splitlines()
     assert table[0].startswith("| metric | vit_t mean ± std (n) | locatvit_t mean ± std (n)")
     assert table[0].endswith("| locatvit_t − vit_t |") and len(table) == 2 + len(METRICS)
@@ -180,7 +180,7 @@ def test_moved_study_folder_is_read_and_rerun_where_it_lies(study, tmp_path):
         assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
         planned, finished = re.search(r"\[study\] (\d+) pieces, (\d+) already finished",
                                       rerun.stdout).groups()  # fmt: skip
-        assert planned == finished == "21"
+        assert planned == finished == "24"
         again = read_results(moved / "results.json")
         assert again.data["records"] == results.data["records"]
     finally:
@@ -219,7 +219,11 @@ def test_plan_is_identical_but_for_the_backbone_and_sized_by_the_budget(tmp_path
     ]  # fmt: skip
     assert all(p.args.preset == "study" and p.args.depth is None for p in trains)
     assert all(p.args.use_fp16 for p in trains)  # asked for; what ran is recorded (fp32 on CPU)
-    assert sum(1 for p in pieces if p.kind == "eval") == 1 + 6 * 4
+    assert sum(1 for p in pieces if p.kind == "eval") == 4 + 6 * 4  # 4 of them on raw pixels
+    raw = {p.evaluator: p.args for p in pieces if p.label.endswith("on raw pixels")}
+    assert all(a.raw_pixels and a.pretrained_weights is None for a in raw.values())
+    assert (raw["knn"].image_size, raw["linear"].image_size) == (32, 32)  # the whole image
+    assert raw["segmentation"].patch_size == raw["hummingbird"].patch_size == 8  # the token grid
     total_min = sum(p.estimate_s for p in pieces) / 60
     assert {(p.args.subset, p.args.epochs, p.args.warmup_epochs) for p in trains} == {
         (28500, 4, 0.4)

@@ -279,6 +279,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     add_backbone_args(
         parser,
+        required=False,
+        raw_pixels=True,
         input_size_help=f"images are resized to this side (default: {INPUT_SIZE}, the "
         "protocol's; on the embedded scenes their --canvas_size)",
     )

@@ -22,7 +22,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dino_locat.checkpoint import CheckpointError, load_checkpoint
@@ -252,7 +252,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "Weighted k-NN evaluation of a frozen backbone (DINO protocol)", add_help=add_help
     )
-    add_backbone_args(parser, required=False, compilable=True)
+    add_backbone_args(parser, required=False, compilable=True, raw_pixels=True)
     add_subset_args(parser, *EMBEDDED_SIZES)
     add_run_args(parser, batch_size=128)
     group = parser.add_argument_group("k-NN")
@@ -274,12 +274,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="evaluate features saved by --dump_features in DIR, ours or those of DINO's "
         "eval_knn.py (trainfeat.pth, testfeat.pth, trainlabels.pth, testlabels.pth); no "
         "backbone is loaded",
-    )
-    group.add_argument(
-        "--raw_pixels",
-        action="store_true",
-        help="the raw-pixel baseline: vote on the flattened, L2-normalised images resized to "
-        "--image_size (required) instead of on backbone features; no backbone is loaded",
     )
     return parser
 
@@ -325,13 +319,8 @@ def _features_from_backbone(
     args: argparse.Namespace,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Any]]:
     device = resolve_device(args.device)
-    if args.raw_pixels:
-        model, embed = nn.Identity(), flattened_pixels
-        info = {"weights_file": None, "checkpoint": None, "checkpoint_key": None}
-        info.update(arch="raw_pixels", epoch=None, image_size=args.image_size)
-    else:
-        model, info = frozen_backbone(args, device)
-        embed = normalized_cls
+    model, info = frozen_backbone(args, device)
+    embed = flattened_pixels if args.raw_pixels else normalized_cls
     transform = eval_transform(info["image_size"])
     splits = classification_splits(
         args.data_path, transform, transform, args.train_subset, args.test_subset, EMBEDDED_SIZES

@@ -272,7 +272,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "Linear probe of a frozen backbone: a grid of heads trained in one pass",
         add_help=add_help,
     )
-    add_backbone_args(parser, compilable=True)
+    add_backbone_args(parser, required=False, compilable=True, raw_pixels=True)
     add_subset_args(parser, *EMBEDDED_SIZES)
     add_run_args(parser, batch_size=128)
     group = parser.add_argument_group("linear probe")

@@ -34,12 +34,15 @@ def add_backbone_args(
     weights: bool = True,
     input_size_help: str | None = None,
     compilable: bool = False,
+    raw_pixels: bool = False,
 ) -> None:
     """Which backbone to load and at what size (``weights=False``: the checkpoint is implied,
     e.g. by a run folder, and only the checks and the image size are asked). With
     ``input_size_help`` the size is the protocol's, not the checkpoint's, and is also
     spelled ``--input_size`` as in that protocol's own tools; ``compilable``: the command
-    runs the backbone through ``frozen_backbone``, which honours ``--compile``."""
+    runs the backbone through ``frozen_backbone``, which honours ``--compile``;
+    ``raw_pixels``: ``--raw_pixels`` scores the raw-pixel baseline instead of a checkpoint
+    (``frozen_backbone`` checks that exactly one of the two is given)."""
     group = parser.add_argument_group("backbone")
     if weights:
         group.add_argument(
@@ -89,6 +92,15 @@ def add_backbone_args(
         "antialias); auto: the rule the checkpoint or export recorded, else dino for "
         "checkpoints trained with DINO's code, else timm",
     )
+    if raw_pixels:
+        group.add_argument(
+            "--raw_pixels",
+            action="store_true",
+            help="the raw-pixel baseline instead of --pretrained_weights: images resized to "
+            "--image_size; k-NN votes on the flattened image, the other evaluators see the "
+            "pixels of each --patch_size patch as its token (default: the whole image, one "
+            "token) and their mean as the CLS; nothing is loaded",
+        )
     if compilable:
         group.add_argument(
             "--compile",

@@ -293,7 +293,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "Frozen-backbone semantic segmentation (linear-style head on patch tokens)",
         add_help=add_help,
     )
-    add_backbone_args(parser, compilable=True)
+    add_backbone_args(parser, required=False, compilable=True, raw_pixels=True)
     add_run_args(parser, batch_size=32)
     add_segmentation_data_args(parser)
     head = parser.add_argument_group("head training")

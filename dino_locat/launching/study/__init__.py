@@ -5,12 +5,12 @@ Design: docs/architecture.md#the-study.
 A grid of DINO pretrainings that differ only in the backbone and the seed (same steps, data
 order, augmentations, head and schedules), every final teacher evaluated with k-NN, the
 linear probe, frozen segmentation and Hummingbird, plus the baselines that give the numbers
-meaning: the untrained network of each arch and raw pixels for k-NN. Every training and
-evaluation is one submitit job in its own folder (SLURM: evaluations wait for their training
-with afterok; local: one job after another). A piece whose outputs exist is skipped, an
-interrupted training resumes from its checkpoint. The study ends by writing results.json,
-a figure and a table (mean and spread over seeds per arch, and the difference to the first
-arch; a difference within the spread is a tie).
+meaning: the untrained network of each arch, and raw pixels through every evaluator. Every
+training and evaluation is one submitit job in its own folder (SLURM: evaluations wait for
+their training with afterok; local: one job after another). A piece whose outputs exist is
+skipped, an interrupted training resumes from its checkpoint. The study ends by writing
+results.json, a figure and a table (mean and spread over seeds per arch, and the difference
+to the first arch; a difference within the spread is a tie).
 
 Its steps, one module each: :mod:`.plan` (the pieces, their flags and the budget),
 :mod:`.run` (submitting and following them), :mod:`.report` (results.json, table, figure).
@@ -20,7 +20,7 @@ Layout of ``--output_dir`` (results.json records paths relative to it)::
     runs/<arch>_seed<N>/        training output (checkpoint.pth, log.txt, TensorBoard)
         eval_<name>/            one evaluation (results.json, study_piece.json, jobs/)
     untrained/<arch>/           the untrained network (checkpoint.pth) and its evaluations
-    raw_pixels/eval_knn/        k-NN on raw pixels
+    raw_pixels/eval_<name>/     one evaluation of raw pixels
     results.json  study.png  table.md
 """
 

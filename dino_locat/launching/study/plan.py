@@ -368,23 +368,29 @@ def plan_study(args: argparse.Namespace) -> list[Piece]:
                 seeds[0],
             )
             pieces += [untrained, *evaluations(untrained)]
-    if "knn" in args.eval:
-        parser = EVALUATORS["knn"][0]()
-        folder = out / "raw_pixels" / "eval_knn"
-        size = str(reference.global_crops_size)
-        flags = ["--raw_pixels", "--image_size", size, *eval_flags["knn"]]
-        knn_args = parser.parse_args([*flags, "--output_dir", str(folder)])
+    # Raw pixels through every evaluator: k-NN and the linear probe on the whole image, the
+    # dense probes on pixel patches on the trained networks' token grid.
+    size, patch = str(reference.global_crops_size), str(reference.patch_size)
+    dense = ["--patch_size", patch, *(["--image_size", size] if args.data_path else [])]
+    raw_flags = {"knn": ["--image_size", size], "linear": ["--image_size", size],
+                 "segmentation": dense, "hummingbird": dense}  # fmt: skip
+    for name in args.eval:
+        parser = EVALUATORS[name][0]()
+        parser.prog = f"--eval_args {name}="
+        folder = out / "raw_pixels" / f"eval_{name}"
+        flags = ["--raw_pixels", *raw_flags[name], *eval_flags[name], "--output_dir", str(folder)]
+        raw_args = parser.parse_args(flags)
         pieces.append(
             Piece(
                 "eval",
-                "k-NN on raw pixels",
+                f"{name} on raw pixels",
                 out,
                 folder,
-                EVALUATORS["knn"][1],
-                knn_args,
-                seconds("raw_pixels", 1.0),
-                knn_args.num_workers,
-                evaluator="knn",
+                EVALUATORS[name][1],
+                raw_args,
+                seconds("raw_pixels" if name == "knn" else name, 1.0),
+                raw_args.num_workers,
+                evaluator=name,
             )
         )
     return pieces
