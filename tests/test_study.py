@@ -293,3 +293,24 @@ def test_raw_pixel_knn_takes_no_backbone_and_needs_a_size(tmp_path):
         knn.run_knn(both)
     with pytest.raises(EvaluationInputError, match="--raw_pixels needs --image_size"):
         knn.run_knn(parser.parse_args(["--raw_pixels"]))
+
+
+def test_an_evaluation_stays_finished_when_its_evaluator_gains_a_flag(tmp_path):
+    """A study finished before an evaluator gained a flag is not redone for it, as long as
+    the flag is planned at its default; a flag planned otherwise makes the piece stale."""
+    args = get_args_parser().parse_args(["--output_dir", str(tmp_path), "--budget", "small"])
+    piece = next(p for p in plan_study(args) if p.label == "linear on raw pixels")
+    piece.folder.mkdir(parents=True)
+    (piece.folder / "results.json").write_text("{}")
+    flags = piece.recorded_flags()
+    assert flags["compile"] is False and flags["raw_pixels"] is True
+    piece.record_path.write_text(json.dumps({"flags": flags}))
+    assert piece.done()
+    older = {k: v for k, v in flags.items() if k != "compile"}  # --compile at its default
+    piece.record_path.write_text(json.dumps({"flags": older}))
+    assert piece.done()
+    older = {k: v for k, v in flags.items() if k != "raw_pixels"}  # not at its default
+    piece.record_path.write_text(json.dumps({"flags": older}))
+    assert not piece.done()
+    piece.record_path.write_text(json.dumps({"flags": {**flags, "lrs": [0.5]}}))
+    assert not piece.done()

@@ -179,8 +179,19 @@ class Piece:
 
     def planned_as(self, record: dict[str, Any]) -> bool:
         """Whether a ``study_piece.json`` record is of this piece's flags (records of older
-        versions hold absolute paths: those inside this study folder compare equal too)."""
-        return study_relative(record.get("flags"), self.root) == self.recorded_flags()
+        versions hold absolute paths: those inside this study folder compare equal too; a
+        flag the evaluator gained since is equal when it is planned at its default)."""
+        recorded = study_relative(record.get("flags"), self.root)
+        if not isinstance(recorded, dict):
+            return False
+        planned = self.recorded_flags()
+        if self.evaluator is not None:
+            defaults = vars(EVALUATORS[self.evaluator][0]().parse_args([]))
+            recorded = {
+                **{k: v for k, v in planned.items() if k not in recorded and v == defaults.get(k)},
+                **recorded,
+            }
+        return recorded == planned
 
     def done(self) -> bool:
         """Finished with the flags planned now (a training with other flags is an error)."""
