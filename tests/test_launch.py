@@ -115,7 +115,8 @@ def test_local_training_streams_its_log_and_leaves_a_checkpoint(local_run):
     assert f"Epoch [{EPOCHS}/{EPOCHS}]" in proc.stdout
     assert f"Epoch [{EPOCHS}/{EPOCHS}]" in train_log.read_text()
     # the embedded preset's run ends by pointing to what longer runs buy
-    assert "Longer runs: " in proc.stdout and "docs/sweep/round3/README.md" in proc.stdout
+    assert "Longer runs: " in proc.stdout and "docs/long_run/README.md" in proc.stdout
+    assert "--preset long" in proc.stdout
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["epoch"] == EPOCHS
     assert ckpt["args"]["output_dir"] == str(out)

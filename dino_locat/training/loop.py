@@ -71,10 +71,10 @@ from dino_locat.training.signals import (
 CHECKPOINT = "checkpoint.pth"
 VIS_IMAGES = 4
 # Where the main job points its user next: its 256 steps end before DINO learns on this
-# data; these runs had 7 times the image views, with schedules scaled to them.
+# data; the long preset trains 70 times the image views, with schedules scaled to them.
 LONGER_RUNS = (
-    "this preset ends before DINO learns on this data; what more training buys: "
-    "docs/sweep/round3/README.md"
+    "this preset ends before DINO learns on this data; what two hours buy "
+    "(python launch/dino.py --arch locatvit_t --preset long): docs/long_run/README.md"
 )
 
 
