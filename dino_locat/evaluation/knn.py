@@ -364,10 +364,6 @@ def run_knn(args: argparse.Namespace) -> dict[str, Any]:
     given = [f"--{name}" for name in SOURCES if getattr(args, name)]
     if len(given) > 1:
         raise EvaluationInputError(f"{' and '.join(given)} exclude each other")
-    if args.raw_pixels and not args.image_size:
-        raise EvaluationInputError(
-            "--raw_pixels needs --image_size (the side images are resized to)"
-        )
     if args.load_features:
         features, described = _features_from_disk(Path(args.load_features))
         output_dir = Path(args.output_dir or Path(args.load_features) / "eval_knn")
