@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,3 +315,138 @@ def test_an_evaluation_stays_finished_when_its_evaluator_gains_a_flag(tmp_path):
     assert not piece.done()
     piece.record_path.write_text(json.dumps({"flags": {**flags, "lrs": [0.5]}}))
     assert not piece.done()
+
+
+@pytest.fixture(scope="module")
+def second_part(study, tmp_path_factory) -> Path:
+    """The same study's seed 1, k-NN only, run apart (in-process) in another folder."""
+    out = tmp_path_factory.mktemp("part") / "seed1"
+    argv = [sys.executable, str(REPO / "launch" / "study.py"), "--output_dir", str(out)]
+    argv += ["--archs", *ARCHS, "--seeds", "1", "--cluster", "debug", *TRAIN_FLAGS]
+    argv += ["--eval", "knn", "--eval_args", f"knn={EVAL_FLAGS['knn']}"]
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out / "results.json"
+
+
+def combine(files: list[Path], out: Path) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(REPO / "launch" / "study.py"), "--output_dir", str(out)]
+    argv += ["--combine", *map(str, files)]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def knn_by_seed(results: dict, network: str, arch: str) -> dict[int, float]:
+    return {
+        r["seed"]: r["metrics"]["knn_top1"]
+        for r in results["records"]
+        if (r["network"], r["arch"], r["evaluation"]) == (network, arch, "knn")
+    }
+
+
+def test_parts_of_a_study_run_apart_combine_into_one_report(study, second_part, tmp_path):
+    """Seed 0 here, seed 1 there: one results.json, table and figure with both seeds, the
+    baselines both parts measured kept once, and every run's curves inside results.json, so
+    the figure is drawn again once the run folders are gone."""
+    combined = combine([study["out"] / "results.json", second_part], tmp_path / "both")
+    assert combined.returncode == 0, combined.stdout[-3000:] + combined.stderr[-3000:]
+    results = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert [p["results"] for p in results["combined_from"]] == [
+        str(study["out"] / "results.json"), str(second_part),
+    ]  # fmt: skip
+    keys = [(r["network"], r["arch"], r["seed"], r["evaluation"]) for r in results["records"]]
+    assert len(keys) == len(set(keys))
+    assert keys.count(("raw_pixels", None, None, "knn")) == 1  # measured in both, kept once
+    knn_row = next(row for row in results["summary"] if row["metric"] == "knn_top1")
+    for arch in ARCHS:
+        entry = knn_row["archs"][arch]
+        assert entry["seeds"] == 2 and entry["std"] is not None
+        assert len(entry["untrained_values"]) == 2  # each part's untrained network
+        assert entry["untrained"] == pytest.approx(sum(entry["untrained_values"]) / 2)
+        trained, untrained = (
+            knn_by_seed(results, "trained", arch),
+            knn_by_seed(results, "untrained", arch),
+        )
+        assert entry["gain_over_own_untrained"] == {
+            str(s): pytest.approx(trained[s] - untrained[s]) for s in (0, 1)
+        }  # fmt: skip
+    assert knn_row["archs"]["locatvit_t"]["verdict"] != "no spread (one seed)"
+    linear_row = next(row for row in results["summary"] if row["metric"] == "linear_top1")
+    assert linear_row["archs"]["vit_t"]["seeds"] == 1  # seed 1 ran k-NN only
+    table = (tmp_path / "both" / "table.md").read_text()
+    assert table.strip() in combined.stdout and "(2) |" in table
+    # Records point at the parts' files where they lie.
+    for record in results["records"]:
+        assert Path(record["results_file"]).is_file(), record["results_file"]
+    # The figure is drawn from results.json alone: no run folder beside this copy.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "results.json").write_text(json.dumps(results))
+    curves = read_results(alone / "results.json").curves()
+    assert sorted(name for _, name, _ in curves) == sorted(
+        f"{a} seed {s}" for a in ARCHS for s in (0, 1)
+    )
+    assert all(curve is not None and curve.epochs == [0, 1] for curve, _, _ in curves)
+    with_gaug = {name for _, name, gaug in curves if gaug is not None}
+    assert with_gaug == {"locatvit_t seed 0", "locatvit_t seed 1"}  # ViT has no GAug
+    render(read_results(alone / "results.json"))
+    with Image.open(alone / "study.png") as figure:
+        assert figure.format == "PNG"
+
+
+def test_parts_that_are_not_one_study_are_refused(study, second_part, tmp_path):
+    """A part trained with another flag, or one that reads another value for a network both
+    parts evaluated, is refused with the flag named, and nothing is written."""
+    part = json.loads(second_part.read_text())
+    for record in part["records"]:
+        if record["training_flags"] is not None:
+            record["training_flags"]["lr"] = 0.5
+    other_lr = tmp_path / "other_lr" / "results.json"
+    other_lr.parent.mkdir()
+    other_lr.write_text(json.dumps(part))
+    refused = combine([study["out"] / "results.json", other_lr], tmp_path / "out")
+    assert refused.returncode == 2 and "training flag lr=0.5" in refused.stderr
+    assert "not one study" in refused.stderr and not (tmp_path / "out").exists()
+    part = json.loads(second_part.read_text())
+    raw = next(r for r in part["records"] if r["network"] == "raw_pixels")
+    raw["metrics"]["knn_top1"] += 1.0
+    other_value = tmp_path / "other_value" / "results.json"
+    other_value.parent.mkdir()
+    other_value.write_text(json.dumps(part))
+    refused = combine([study["out"] / "results.json", other_value], tmp_path / "out")
+    assert refused.returncode == 2 and "both evaluated ('raw_pixels'" in refused.stderr
+    missing = combine([study["out"] / "results.json", tmp_path / "nope.json"], tmp_path / "out")
+    assert missing.returncode == 2 and "nope.json does not exist" in missing.stderr
+
+
+def test_report_only_writes_the_report_of_what_finished_and_runs_nothing(study, tmp_path):
+    """A study stopped early: --report_only reports its finished pieces, names the rest, and
+    submits no job."""
+    copy = tmp_path / "stopped"
+    shutil.copytree(study["out"], copy)
+    (copy / "results.json").unlink()
+    cut = copy / "runs" / "locatvit_t_seed0" / "eval_linear"
+    (cut / "results.json").unlink()
+    jobs_before = sorted(p for p in copy.rglob("jobs/*"))
+    argv = study_argv(copy, "local") + ["--report_only"]
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((copy / "results.json").read_text())
+    assert results["failed"] == ["linear of locatvit_t seed 0"]
+    assert "failed or not run: linear of locatvit_t seed 0" in run.stderr
+    evaluated = {(r["network"], r["arch"], r["evaluation"]) for r in results["records"]}
+    assert ("trained", "locatvit_t", "linear") not in evaluated
+    assert ("trained", "locatvit_t", "knn") in evaluated and len(evaluated) == 4 + 16 - 1
+    assert sorted(p for p in copy.rglob("jobs/*")) == jobs_before  # nothing was submitted
+    table = (copy / "table.md").read_text().splitlines()
+    linear = next(line for line in table if line.startswith("| linear"))
+    assert "| - ± - (0) |" in linear and linear.endswith("| - |")  # no locatvit_t value
+    assert (copy / "study.png").is_file()
+
+
+def test_baselines_only_plans_the_untrained_networks_and_raw_pixels(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--seeds", "1", "--baselines_only"]
+    pieces = plan_study(get_args_parser().parse_args(argv))
+    assert {p.kind for p in pieces} == {"untrained", "eval"}
+    untrained = [(p.arch, p.seed) for p in pieces if p.kind == "untrained"]
+    assert untrained == [("vit_t", 1), ("locatvit_t", 1)]
+    assert len(pieces) == 2 + 2 * 4 + 4  # each untrained network's four evaluations, raw pixels

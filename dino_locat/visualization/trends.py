@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,37 @@ class GaugTrends:
     source: str
     cap: float | None = None
     x_label: str = "epoch (completed)"
+
+    def to_json(self, max_points: int | None = None) -> dict[str, Any]:
+        """The numbers as JSON (a block missing at an epoch as null); with ``max_points``,
+        evenly spaced rows, first and last kept, so a record of a long run stays small."""
+        rows = np.arange(len(self.epochs))
+        if max_points is not None and len(rows) > max_points:
+            rows = np.unique(np.linspace(0, len(rows) - 1, max_points).round().astype(int))
+        return {
+            "source": self.source,
+            "epochs": [float(self.epochs[r]) for r in rows],
+            "x_label": self.x_label,
+            "var_mean": _json_table(self.var_mean[rows]),
+            "alpha_mean": _json_table(self.alpha_mean[rows]),
+            "cap": self.cap,
+        }
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> GaugTrends:
+        """The trends :meth:`to_json` wrote (null read back as NaN)."""
+
+        def table(rows: list[list[float | None]]) -> np.ndarray:
+            return np.array([[np.nan if v is None else v for v in row] for row in rows], float)
+
+        return cls(
+            list(record["epochs"]),
+            table(record["var_mean"]),
+            table(record["alpha_mean"]),
+            record["source"],
+            record.get("cap"),
+            record.get("x_label", "epoch (completed)"),
+        )
 
 
 def checkpoint_files(output_dir: str | os.PathLike) -> list[Path]:
@@ -212,14 +244,6 @@ def write_trends(trends: GaugTrends, output_dir: str | os.PathLike) -> list[Path
     output_dir = Path(output_dir)
     title = f"GAug: collapse or saturate? Mean var / alpha per block vs epoch ({trends.source})"
     figure = save_png(trends_figure(trends, title), output_dir / "gaug_trends.png")
-    record = {
-        "source": trends.source,
-        "epochs": trends.epochs,
-        "x_label": trends.x_label,
-        "var_mean": _json_table(trends.var_mean),
-        "alpha_mean": _json_table(trends.alpha_mean),
-        "cap": trends.cap,
-    }
-    text = json.dumps(record, indent=1).encode()
+    text = json.dumps(trends.to_json(), indent=1).encode()
     numbers = atomic_write(output_dir / "gaug_trends.json", lambda handle: handle.write(text))
     return [figure, numbers]

@@ -13,7 +13,8 @@ results.json, a figure and a table (mean and spread over seeds per arch, and the
 to the first arch; a difference within the spread is a tie).
 
 Its steps, one module each: :mod:`.plan` (the pieces, their flags and the budget),
-:mod:`.run` (submitting and following them), :mod:`.report` (results.json, table, figure).
+:mod:`.run` (submitting and following them), :mod:`.report` (results.json, table, figure),
+:mod:`.combine` (one report from parts run apart, e.g. seed by seed).
 
 Layout of ``--output_dir`` (results.json records paths relative to it)::
 

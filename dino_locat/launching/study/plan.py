@@ -255,6 +255,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--no_untrained", action="store_true", help="skip the untrained-network baselines"
     )
+    study.add_argument(
+        "--baselines_only",
+        action="store_true",
+        help="train nothing: only the untrained networks (first seed) and raw pixels, the "
+        "numbers a trained network must beat (about 25 min of the default study)",
+    )
+    study.add_argument(
+        "--report_only",
+        action="store_true",
+        help="run nothing: write results.json, the table and the figure from the pieces "
+        "already finished (a study still running, or stopped early)",
+    )
+    study.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="RESULTS",
+        default=None,
+        help="run nothing: write one report under --output_dir from the results.json of "
+        "parts of one study run apart (e.g. --seeds 0 on one machine, --seeds 1 on another); "
+        "parts whose flags differ beyond arch, seed and folder are refused",
+    )
     training = parser.add_argument_group(
         "training (every run; DINO's flags, see python -m dino_locat.training --help)"
     )
@@ -346,7 +367,7 @@ def plan_study(args: argparse.Namespace) -> list[Piece]:
     # Trained runs first (seed by seed, so a partial study already pairs the archs), then
     # the baselines.
     pieces: list[Piece] = []
-    for seed in seeds:
+    for seed in [] if args.baselines_only else seeds:
         for arch in args.archs:
             folder = out / "runs" / f"{arch}_seed{seed}"
             run_args = train_args(arch, seed, folder)

@@ -25,7 +25,7 @@ from dino_locat.files import atomic_write
 from dino_locat.launching.study.plan import Piece, study_relative
 from dino_locat.seeds import mean_std
 from dino_locat.visualization.study import MetricPanel, OnlineCurve, study_figure
-from dino_locat.visualization.trends import trends_from_tensorboard
+from dino_locat.visualization.trends import GaugTrends, trends_from_tensorboard
 
 # what an evaluation's parent piece makes of the network it evaluates
 NETWORKS = {"train": "trained", "untrained": "untrained"}
@@ -138,17 +138,35 @@ def summarize(records: list[dict[str, Any]], archs: list[str]) -> list[dict[str,
                 and r["metrics"].get(metric) is not None
             ]
 
+        def by_seed(network: str, arch: str, metric: str = metric) -> dict[int, float]:
+            return {
+                r["seed"]: r["metrics"][metric]
+                for r in records
+                if r["network"] == network
+                and r["arch"] == arch
+                and r["metrics"].get(metric) is not None
+            }
+
         per_arch = {}
         for arch in archs:
             trained = values("trained", arch)
             untrained = values("untrained", arch)
             mean, std = mean_std(trained) if trained else (None, None)
+            own = by_seed("untrained", arch)
             per_arch[arch] = {
                 "seeds": len(trained),
                 "mean": mean,
                 "std": std,
                 "values": trained,
-                "untrained": untrained[0] if untrained else None,
+                # several untrained seeds (a combined study): their mean
+                "untrained": mean_std(untrained)[0] if untrained else None,
+                "untrained_values": untrained,
+                # each trained seed against the untrained network of its own seed
+                "gain_over_own_untrained": {
+                    str(seed): value - own[seed]
+                    for seed, value in by_seed("trained", arch).items()
+                    if seed in own
+                },
             }
         if all(v["mean"] is None for v in per_arch.values()):
             continue
@@ -195,9 +213,12 @@ def format_table(rows: list[dict[str, Any]], archs: list[str]) -> str:
         for arch in archs[1:]:
             entry = row["archs"][arch]
             diff = entry.get("difference")
+            if diff is None:  # an arch without this metric (a piece failed or did not run)
+                cells.append("-")
+                continue
             settle = entry.get("seeds_to_settle")
             call = entry["verdict"] + (f"; ~{settle} seeds per arch to settle" if settle else "")
-            cells.append("-" if diff is None else f"{diff:+.2f} ({call})")
+            cells.append(f"{diff:+.2f} ({call})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -223,6 +244,23 @@ class StudyResults:
         old_root = Path(self.data["figure"]).parent
         return self.folder / path.relative_to(old_root) if path.is_relative_to(old_root) else path
 
+    def curves(self) -> list[tuple[OnlineCurve | None, str, GaugTrends | None]]:
+        """Per training run, its online k-NN curve and GAug trends (None where it has none):
+        from results.json where it holds them, else read from the run folder (older files)."""
+        entries = self.data.get("runs")
+        if entries is None or any("online_knn" not in e for e in entries):
+            entries = [run_record(a, s, f, self.folder) for a, s, f in self.runs()]
+        found = []
+        for entry in entries:
+            arch, seed, history = entry["arch"], entry["seed"], entry["online_knn"]
+            curve = None
+            if history:
+                epochs = [h["epoch"] for h in history]
+                curve = OnlineCurve(arch, seed, epochs, [h["teacher_top1"] for h in history])
+            gaug = entry["gaug"] and GaugTrends.from_json(entry["gaug"])
+            found.append((curve, f"{arch} seed {seed}", gaug))
+        return found
+
     def runs(self) -> list[tuple[str, int, Path]]:
         """(arch, seed, run folder) of every training run (older files: of every run with a
         finished evaluation)."""
@@ -234,6 +272,30 @@ class StudyResults:
                 folder = self.locate(record["training_flags"]["output_dir"])
                 found[(record["arch"], record["seed"], folder)] = None
         return list(found)
+
+
+# GAug trends kept per run in results.json: enough points to draw, few enough to stay small
+GAUG_POINTS = 120
+
+
+def run_record(arch: str, seed: int, folder: Path, root: Path) -> dict[str, Any]:
+    """One training run as results.json keeps it: where it is, and what the figure draws of
+    it (the online k-NN history from its checkpoint, the GAug trends from its event files),
+    so that results.json alone redraws the figure, moved, copied or combined."""
+    checkpoint = folder / "checkpoint.pth"
+    online = (load_checkpoint(checkpoint).get("online_knn") or {}) if checkpoint.is_file() else {}
+    history = [
+        {k: h.get(k) for k in ("epoch", "teacher_top1", "student_top1")}
+        for h in online.get("history") or []
+    ]
+    folder_name = study_relative(str(folder), root)
+    try:
+        gaug = trends_from_tensorboard(folder).to_json(GAUG_POINTS)
+    except FileNotFoundError:
+        gaug = None  # a backbone without GAug (ViT) logs no per-block scalars
+    else:
+        gaug["source"] = f"TensorBoard scalars in {folder_name}"
+    return {"arch": arch, "seed": seed, "folder": folder_name, "online_knn": history, "gaug": gaug}
 
 
 def read_results(path: str | Path) -> StudyResults:
@@ -256,21 +318,11 @@ def _figure(results: StudyResults, path: Path) -> Path:
         per_arch = {a: row["archs"][a]["values"] for a in archs}
         panels.append(MetricPanel(row["label"], per_arch, references))
     curves, trends = [], {}
-    for arch, seed, folder in results.runs():
-        checkpoint = folder / "checkpoint.pth"
-        if not checkpoint.is_file():
-            continue
-        history = (load_checkpoint(checkpoint).get("online_knn") or {}).get("history") or []
-        if history:
-            curves.append(
-                OnlineCurve(
-                    arch, seed, [h["epoch"] for h in history], [h["teacher_top1"] for h in history]
-                )
-            )
-        try:
-            trends[f"{arch} seed {seed}"] = trends_from_tensorboard(folder)
-        except FileNotFoundError:
-            continue  # a backbone without GAug (ViT) logs no per-block scalars
+    for curve, name, gaug in results.curves():
+        if curve is not None:
+            curves.append(curve)
+        if gaug is not None:
+            trends[name] = gaug
     title = (
         f"Does locality help under DINO? {', '.join(archs)}; bars: mean over seeds, dots: "
         "seeds, dashed: baselines"
@@ -293,7 +345,7 @@ def report(args: argparse.Namespace, pieces: list[Piece], failed: list[str]) -> 
     out = Path(args.output_dir).resolve()
     records = collect(pieces)
     runs = [
-        {"arch": p.arch, "seed": p.seed, "folder": study_relative(str(p.folder), out)}
+        run_record(p.arch, p.seed, p.folder, out)
         for p in pieces
         if p.kind == "train" and p.checkpoint.is_file()
     ]

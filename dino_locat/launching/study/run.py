@@ -21,6 +21,7 @@ from dino_locat.launching.executors import fresh_job_folder
 from dino_locat.launching.follow import QUEUED_STATES, follow
 from dino_locat.launching.jobs import ResumableJob
 from dino_locat.launching.options import check_submission_args, resolve_cluster
+from dino_locat.launching.study.combine import combine_studies
 from dino_locat.launching.study.plan import Piece, minutes, plan_study, print_plan, study_relative
 from dino_locat.launching.study.report import report
 from dino_locat.launching.submission import eval_resources, submit_job
@@ -151,6 +152,13 @@ def run_pieces(args: argparse.Namespace, pieces: list[Piece], cluster: str) -> l
 
 def run_study(args: argparse.Namespace) -> int:
     """The whole study as ``launch/study.py`` flags say; returns an exit status."""
+    if args.combine:
+        combine_studies(args.combine, args.output_dir)
+        return 0
+    if args.report_only:
+        pieces = plan_study(args)
+        report(args, pieces, [p.label for p in pieces if not p.done()])
+        return 0
     check_submission_args(args)
     cluster = resolve_cluster(args.cluster)
     pieces = plan_study(args)
