@@ -12,22 +12,16 @@ both, and is kept once.
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-from dino_locat.checkout import code_version
 from dino_locat.errors import InputError
-from dino_locat.evaluation.report import write_json_atomic
 from dino_locat.launching.study.plan import study_relative
 from dino_locat.launching.study.report import (
-    TIE_RULE,
     StudyResults,
     read_results,
-    render,
     run_record,
-    summarize,
+    write_report,
 )
 
 # Flags that differ between the runs of one study by design.
@@ -140,31 +134,19 @@ def combine_studies(files: list[str], output_dir: str) -> dict[str, Any]:
                 )
         for entry in _run_records(part, out):
             runs.setdefault((entry["arch"], entry["seed"]), entry)
+    combined_from = [
+        {
+            "results": str(Path(n).resolve()),
+            "command": p.data["command"],
+            "code_version": p.data["code_version"],
+        }
+        for p, n in zip(parts, files, strict=True)
+    ]
+    failed = [f for p in parts for f in p.data.get("failed", [])]
     kept = [record for _, record in records.values()]
-    combined = {
-        "study": parts[0].data["study"],
-        "archs": archs,
-        "budget": parts[0].data["budget"],
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
-        "code_version": code_version(),
-        "combined_from": [
-            {
-                "results": str(Path(n).resolve()),
-                "command": p.data["command"],
-                "code_version": p.data["code_version"],
-            }
-            for p, n in zip(parts, files, strict=True)
-        ],
-        "tie_rule": TIE_RULE,
-        "summary": summarize(kept, archs),
-        "records": kept,
-        "runs": list(runs.values()),
-        "failed": [f for p in parts for f in p.data.get("failed", [])],
-        "figure": "study.png",
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", combined)
-    table, figure = render(read_results(out / "results.json"))
-    print(table, flush=True)
-    print(f"[study] combined {len(parts)} parts: {out / 'results.json'}, figure: {figure}")
+    budget = parts[0].data["budget"]
+    combined = write_report(
+        out, archs, budget, kept, list(runs.values()), failed, combined_from=combined_from
+    )
+    print(f"[study] combined {len(parts)} parts", flush=True)
     return combined

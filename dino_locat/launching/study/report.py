@@ -129,16 +129,7 @@ def summarize(records: list[dict[str, Any]], archs: list[str]) -> list[dict[str,
     rows = []
     for metric, (_, _, label) in METRICS.items():
 
-        def values(network: str, arch: str | None, metric: str = metric) -> list[float]:
-            return [
-                r["metrics"][metric]
-                for r in records
-                if r["network"] == network
-                and r["arch"] == arch
-                and r["metrics"].get(metric) is not None
-            ]
-
-        def by_seed(network: str, arch: str, metric: str = metric) -> dict[int, float]:
+        def by_seed(network: str, arch: str | None, metric: str = metric) -> dict[int, float]:
             return {
                 r["seed"]: r["metrics"][metric]
                 for r in records
@@ -149,8 +140,8 @@ def summarize(records: list[dict[str, Any]], archs: list[str]) -> list[dict[str,
 
         per_arch = {}
         for arch in archs:
-            trained = values("trained", arch)
-            untrained = values("untrained", arch)
+            trained = list(by_seed("trained", arch).values())
+            untrained = list(by_seed("untrained", arch).values())
             mean, std = mean_std(trained) if trained else (None, None)
             own = by_seed("untrained", arch)
             per_arch[arch] = {
@@ -177,7 +168,7 @@ def summarize(records: list[dict[str, Any]], archs: list[str]) -> list[dict[str,
                 continue
             entry["difference"] = entry["mean"] - first["mean"]
             entry["verdict"], entry["seeds_to_settle"] = verdict(first["values"], entry["values"])
-        pixels = values("raw_pixels", None)
+        pixels = list(by_seed("raw_pixels", None).values())
         rows.append(
             {
                 "metric": metric,
@@ -339,33 +330,49 @@ def render(results: StudyResults) -> tuple[str, Path]:
     return table, _figure(results, results.folder / "study.png")
 
 
-def report(args: argparse.Namespace, pieces: list[Piece], failed: list[str]) -> dict[str, Any]:
-    """Write results.json under --output_dir, then the table and figure from it; print the
-    table."""
-    out = Path(args.output_dir).resolve()
-    records = collect(pieces)
-    runs = [
-        run_record(p.arch, p.seed, p.folder, out)
-        for p in pieces
-        if p.kind == "train" and p.checkpoint.is_file()
-    ]
+def write_report(
+    out: Path,
+    archs: list[str],
+    budget: str,
+    records: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    failed: list[str],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The one layout of a study's results.json: write it under ``out`` with the summary
+    drawn from ``records``, then the table and figure from it; print the table."""
     summary = {
         "study": "does locality help under DINO?",
-        "archs": args.archs,
-        "budget": args.budget,
+        "archs": archs,
+        "budget": budget,
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "code_version": code_version(),
+        **extra,
         "tie_rule": TIE_RULE,
-        "summary": summarize(records, args.archs),
+        "summary": summarize(records, archs),
         "records": records,
         "runs": runs,
         "failed": failed,
         "figure": "study.png",
     }
+    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", summary)
     table, figure = render(read_results(out / "results.json"))
     print(table, flush=True)
     print(f"[study] results: {out / 'results.json'}, figure: {figure}", flush=True)
+    return summary
+
+
+def report(args: argparse.Namespace, pieces: list[Piece], failed: list[str]) -> dict[str, Any]:
+    """Write results.json under --output_dir, then the table and figure from it; print the
+    table."""
+    out = Path(args.output_dir).resolve()
+    runs = [
+        run_record(p.arch, p.seed, p.folder, out)
+        for p in pieces
+        if p.kind == "train" and p.checkpoint.is_file()
+    ]
+    summary = write_report(out, args.archs, args.budget, collect(pieces), runs, failed)
     if failed:
         print(f"[study] failed or not run: {', '.join(failed)}", file=sys.stderr, flush=True)
     return summary
