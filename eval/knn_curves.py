@@ -2,6 +2,8 @@
 
 Example (the preset sweep in docs/sweep/):
     python eval/knn_curves.py --runs output/sweep/* --output_dir docs/sweep
+    python eval/knn_curves.py --runs docs/sweep/round3/knn_curves.json output/sweep3/NEW \
+        --output_dir docs/sweep/round3
 """
 
 import argparse
@@ -18,7 +20,13 @@ from dino_locat.visualization.knn_curves import write_curves
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Compare the online k-NN curves of DINO runs")
-    parser.add_argument("--runs", nargs="+", required=True, help="training --output_dir folders")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        required=True,
+        help="training --output_dir folders, and knn_curves.json files of earlier comparisons "
+        "(their runs join as they were: a sweep whose early run folders are gone)",
+    )
     parser.add_argument("--output_dir", required=True, help="where the table and figure go")
     parser.add_argument("--title", default="", help="figure title")
     return parser

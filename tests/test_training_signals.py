@@ -33,8 +33,10 @@ from dino_locat.training.signals import (
 )
 from dino_locat.visualization.knn_curves import (
     RunCurve,
+    curves_data,
     markdown_table,
     read_run,
+    read_runs,
     run_styles,
     seed_groups,
     write_curves,
@@ -255,6 +257,42 @@ def test_runs_that_differ_only_in_seed_are_pooled_with_their_spread():
     assert "| a0, a1 | 0, 1 | 50.0 ± 0.0 (50.0, 50.0) | 62.0 ± 2.8 (60.0, 64.0) |" in table
     assert "b0" not in table.split("Across seeds")[1]
     assert "Across seeds" not in markdown_table(runs[:2])
+
+
+def test_a_sweep_across_sessions_is_redrawn_from_its_json_plus_new_runs(tmp_path):
+    """Early run folders gone, their knn_curves.json kept: the new comparison takes its runs
+    as they were (rows, curves, signals), pools seeds across files and refuses a run met
+    twice; a file written before signals were stored keeps each run's last values."""
+    entropy = [(0, 5.0), (10, 2.0)]
+    first = [curve("a0", 0, 60.0), curve("b0", 0, 70.0, lr=0.003)]
+    for run in first:
+        run.signals = {"signals/teacher_entropy": entropy, "signals/prototypes_in_use": [(10, 9.0)]}
+    (tmp_path / "old.json").write_text(json.dumps(curves_data(first)))
+    later = curves_data([curve("a1", 1, 64.0)])
+    del later["runs"][0]["signals"]  # as the files of round 3 were written
+    later["runs"][0]["end_entropy_over_lnK"] = 0.25
+    later["runs"][0]["end_prototypes_in_use"] = 12.0
+    (tmp_path / "later.json").write_text(json.dumps(later))
+
+    paths = write_curves([tmp_path / "old.json", tmp_path / "later.json"], tmp_path / "all")
+    data = json.loads(paths["json"].read_text())
+    assert [row["run"] for row in data["runs"]] == ["a0", "b0", "a1"]
+    assert data["runs"][0]["signals"]["signals/teacher_entropy"] == [[0, 5.0], [10, 2.0]]
+    assert data["runs"][0]["end_entropy_over_lnK"] == pytest.approx(2.0 / math.log(256))
+    assert data["runs"][2]["signals"] is None
+    assert data["runs"][2]["end_entropy_over_lnK"] == pytest.approx(0.25)
+    assert data["runs"][2]["end_prototypes_in_use"] == 12.0
+    assert data["runs"][2]["history"] == curve("a1", 1, 64.0).history
+    (group,) = data["seed_groups"]
+    assert group["runs"] == ["a0", "a1"] and group["teacher_gain"]["values"] == [10.0, 14.0]
+    assert paths["table"].read_text() == markdown_table(read_runs([paths["json"]])) + "\n"
+    assert "signals" in paths  # drawn from the runs that kept theirs
+
+    with pytest.raises(ValueError, match="'a0' comes from both .*old.json and .*all"):
+        read_runs([tmp_path / "old.json", paths["json"]])
+    (tmp_path / "bad.json").write_text('{"runs": [{"run": "x"}]}')
+    with pytest.raises(ValueError, match="bad.json: not a knn_curves.json"):
+        read_runs([tmp_path / "bad.json"])
 
 
 @pytest.mark.parametrize("count", [3, 14, 45])

@@ -4,6 +4,8 @@ Each run's ``checkpoint.pth`` keeps its online k-NN history (teacher and student
 top-1 before the first step and every ``--knn_freq`` epochs, with the training seconds
 spent so far) and the raw-pixel baseline. This module turns a set of runs into a table
 (markdown + JSON) and a figure against training minutes, the yardstick of a preset sweep.
+The JSON keeps every run whole (flags, history, learning signals), so a sweep that spans
+several sessions, whose early run folders are gone, is redrawn from it plus the new runs.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class RunCurve:
     history: list[dict[str, Any]]
     raw_pixels: float | None
     signals: dict[str, list[tuple[int, float]]] | None = None
+    # The last value of each signal, for runs read from a JSON file that kept only that.
+    final_signals: dict[str, float] | None = None
 
     @property
     def untrained(self) -> float:
@@ -91,7 +95,10 @@ class RunCurve:
     def last_signal(self, tag: str) -> float | None:
         """The last logged value of a learning signal, or None without one."""
         points = (self.signals or {}).get(tag)
-        return float(points[-1][1]) if points else None
+        if points:
+            return float(points[-1][1])
+        value = (self.final_signals or {}).get(tag)
+        return None if value is None else float(value)
 
     def summary(self) -> dict[str, Any]:
         """One row: where the run started and ended, its best teacher point, and the state
@@ -131,6 +138,70 @@ def read_run(run_dir: str | os.PathLike, name: str | None = None) -> RunCurve:
     args = {**LATER_FLAG_DEFAULTS, **checkpoint_args(ckpt)}
     signals = read_signals(Path(run_dir) / "tensorboard")
     return RunCurve(name or Path(run_dir).name, args, history, online.get("raw_pixels"), signals)
+
+
+def read_curves_file(path: str | os.PathLike) -> list[RunCurve]:
+    """The runs of a ``knn_curves.json`` written by :func:`write_curves`, as they were.
+
+    Files written before the signals were stored keep only each run's last entropy and
+    prototypes in use; those fill the table, and the run has no line in ``signals.png``."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())["runs"]
+        runs = []
+        for entry in entries:
+            stored = entry.get("signals")
+            signals = (
+                None
+                if stored is None
+                else {tag: [(int(s), float(v)) for s, v in pts] for tag, pts in stored.items()}
+            )
+            final = None
+            if signals is None:
+                entropy = entry.get("end_entropy_over_lnK")
+                final = {
+                    "signals/teacher_entropy": (
+                        None if entropy is None else entropy * math.log(entry["flags"]["out_dim"])
+                    ),
+                    "signals/prototypes_in_use": entry.get("end_prototypes_in_use"),
+                }
+            runs.append(
+                RunCurve(
+                    entry["run"],
+                    {**LATER_FLAG_DEFAULTS, **entry["flags"]},
+                    list(entry["history"]),
+                    entry.get("raw_pixels"),
+                    signals,
+                    final,
+                )
+            )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path}: not a knn_curves.json of eval/knn_curves.py ({type(error).__name__}: {error})"
+        ) from error
+    return runs
+
+
+def read_runs(sources: Sequence[str | os.PathLike]) -> list[RunCurve]:
+    """Runs from training folders and from earlier ``knn_curves.json`` files, in order; a
+    run name met twice is refused, since the table could not tell the two apart."""
+    runs: list[RunCurve] = []
+    seen: dict[str, str] = {}
+    for source in sources:
+        found = (
+            read_curves_file(source)
+            if Path(source).is_file() and Path(source).suffix == ".json"
+            else [read_run(source)]
+        )
+        for run in found:
+            if run.name in seen:
+                raise ValueError(
+                    f"run {run.name!r} comes from both {seen[run.name]} and {source}: "
+                    "leave one out (or rename a run folder)"
+                )
+            seen[run.name] = str(source)
+        runs += found
+    return runs
 
 
 def read_signals(log_dir: Path) -> dict[str, list[tuple[int, float]]] | None:
@@ -311,19 +382,29 @@ def plot_signal_curves(runs: Sequence[RunCurve], path: str | os.PathLike, title:
     return _finish(fig, path, title, left=0.05, bottom=0.12, top=(0.92, 0.86))
 
 
+def curves_data(runs: Sequence[RunCurve]) -> dict[str, Any]:
+    """What ``knn_curves.json`` holds: each run whole (its row, flags, k-NN history and
+    learning signals), so :func:`read_curves_file` gives the runs back, and the seed pools."""
+    return {
+        "runs": [
+            {**run.summary(), "flags": run.args, "history": run.history, "signals": run.signals}
+            for run in runs
+        ],
+        "seed_groups": seed_groups(runs),
+    }
+
+
 def write_curves(
     run_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLike, title: str = ""
 ) -> dict[str, Path]:
     """Table (``knn_curves.md``), data (``knn_curves.json``), figure (``knn_curves.png``) and,
-    where the runs have TensorBoard event files, their learning signals (``signals.png``)."""
-    runs = [read_run(d) for d in run_dirs]
+    where the runs have TensorBoard event files, their learning signals (``signals.png``).
+    ``run_dirs`` may name earlier ``knn_curves.json`` files: their runs join as they were."""
+    runs = read_runs(run_dirs)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
-    data = {
-        "runs": [{**run.summary(), "flags": run.args, "history": run.history} for run in runs],
-        "seed_groups": seed_groups(runs),
-    }
+    data = curves_data(runs)
     paths = {"table": out / "knn_curves.md", "json": out / "knn_curves.json"}
     for key, text in (("table", table + "\n"), ("json", json.dumps(data, indent=1) + "\n")):
         atomic_write(paths[key], lambda handle, text=text: handle.write(text.encode()))
