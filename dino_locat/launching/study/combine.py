@@ -136,7 +136,7 @@ def combine_studies(files: list[str], output_dir: str) -> dict[str, Any]:
             runs.setdefault((entry["arch"], entry["seed"]), entry)
     combined_from = [
         {
-            "results": str(Path(n).resolve()),
+            "results": study_relative(str(Path(n).resolve()), out),
             "command": p.data["command"],
             "code_version": p.data["code_version"],
         }
